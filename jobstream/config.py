@@ -1,0 +1,129 @@
+"""One typed settings object for every service, read once from JOBSTREAM_* environment variables.
+
+Every field has a default that works for the embedded stack; a value that does not parse or is out
+of range stops the process at start with a message naming the variable, instead of failing later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A JOBSTREAM_* variable is malformed; the message names it."""
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the shared infrastructure is.
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/jobstream"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Prefix for every topic and consumer group, so several stacks can share one Kafka cluster.
+    topic_prefix: str = ""
+    # Partition counts are fixed at topic creation (brokers may not grow them): choose up front.
+    job_partitions: int = 12
+    chunk_partitions: int = 24
+    replication_factor: int = 1
+    # How long a fetch waits when there is nothing to read. Apache Kafka answers as soon as a record
+    # arrives; the embedded broker waits out the whole time, so this bounds each hop's latency.
+    kafka_fetch_wait_ms: int = 10
+
+    # Gateway.
+    gateway_listen: str = "127.0.0.1:50051"
+    max_input_bytes: int = 16 * 1024 * 1024
+    max_chunks_per_job: int = 100_000
+
+    # Scheduler.
+    progress_interval_ms: int = 200
+    chunk_dispatch_batch: int = 500
+
+    # Worker.
+    worker_id: str = field(default_factory=_default_worker_id)
+    worker_concurrency: int = 8
+    lease_seconds: float = 10.0
+    heartbeat_seconds: float = 3.0
+    drain_seconds: float = 20.0
+
+    # Every service.
+    metrics_port: int = 0  # 0 = no metrics endpoint
+    log_level: str = "INFO"
+    log_json: bool = False
+    # Extra modules that register job kinds, comma separated (besides the jobstream.kinds entry points).
+    kind_modules: tuple[str, ...] = ()
+    db_pool_max: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Reads JOBSTREAM_<FIELD> for every field; raises SettingsError naming a malformed variable."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"JOBSTREAM_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(name, raw, f.type)
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = {
+            "JOBSTREAM_JOB_PARTITIONS": self.job_partitions,
+            "JOBSTREAM_CHUNK_PARTITIONS": self.chunk_partitions,
+            "JOBSTREAM_REPLICATION_FACTOR": self.replication_factor,
+            "JOBSTREAM_WORKER_CONCURRENCY": self.worker_concurrency,
+            "JOBSTREAM_MAX_INPUT_BYTES": self.max_input_bytes,
+            "JOBSTREAM_MAX_CHUNKS_PER_JOB": self.max_chunks_per_job,
+            "JOBSTREAM_LEASE_SECONDS": self.lease_seconds,
+            "JOBSTREAM_HEARTBEAT_SECONDS": self.heartbeat_seconds,
+            "JOBSTREAM_DB_POOL_MAX": self.db_pool_max,
+            "JOBSTREAM_CHUNK_DISPATCH_BATCH": self.chunk_dispatch_batch,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise SettingsError(f"{name} must be positive, got {value}")
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise SettingsError(
+                "JOBSTREAM_HEARTBEAT_SECONDS must be shorter than JOBSTREAM_LEASE_SECONDS "
+                f"({self.heartbeat_seconds} >= {self.lease_seconds})"
+            )
+        if ":" not in self.gateway_listen:
+            raise SettingsError(f"JOBSTREAM_GATEWAY_LISTEN must be host:port, got {self.gateway_listen!r}")
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}jobstream-{name}"
+
+
+def _parse(name: str, raw: str, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise SettingsError(f"{name}: cannot read {raw!r} as {kind}") from None
+    return raw

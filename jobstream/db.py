@@ -1,0 +1,69 @@
+"""Postgres plumbing: the connection pool every service uses and the schema migrations."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from jobstream.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same for every process applying migrations.
+_MIGRATION_LOCK = 0x6A6F6273
+
+
+async def open_pool(settings: Settings, *, name: str, min_size: int = 1) -> AsyncConnectionPool:
+    """Opens a pool and waits for its first connection, so a wrong URL fails at start, not later."""
+    pool = AsyncConnectionPool(
+        settings.database_url,
+        min_size=min_size,
+        max_size=max(min_size, settings.db_pool_max),
+        name=name,
+        kwargs={"autocommit": True, "application_name": f"jobstream-{name}"},
+        open=False,
+    )
+    await pool.open(wait=True, timeout=30)
+    return pool
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    files = resources.files("jobstream.schema")
+    found = []
+    for entry in files.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def apply_schema(database_url: str) -> list[str]:
+    """Applies the migrations not yet applied, each in its own transaction; returns their names.
+
+    An advisory lock serialises concurrent starters (several replicas booting at once).
+    """
+    applied: list[str] = []
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur = await conn.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in await cur.fetchall()}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql.encode())
+                    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+                log.info("applied migration %s", name)
+                applied.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied

@@ -1,0 +1,1 @@
+"""Real Postgres and a Kafka-protocol broker as child processes, for `jobstream up` and the tests."""

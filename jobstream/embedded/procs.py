@@ -1,0 +1,222 @@
+"""Child processes that never outlive their parent and are stopped on purpose, never by accident.
+
+Every child runs in its own session, so a Ctrl-C on the terminal reaches only the supervisor, which
+then stops the children in the order it chooses. Each child also asks the kernel for a signal when
+its parent dies (PR_SET_PDEATHSIG), so a supervisor killed with SIGKILL leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    # Resolved in the parent: the child, between fork and exec, should only call, never load.
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl: Callable[..., int] = libc.prctl
+    return prctl
+
+
+_prctl = _load_prctl()
+
+
+def _child_setup(death_signal: signal.Signals, parent_pid: int) -> Callable[[], None]:
+    def setup() -> None:
+        if _prctl is None:
+            return
+        # Runs after the uid switch, which would otherwise clear the death signal again.
+        _prctl(_PR_SET_PDEATHSIG, int(death_signal), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            # The parent died before the request took effect: nobody would ever stop us.
+            os._exit(1)
+
+    return setup
+
+
+def _user_ids(user: str | None) -> tuple[int | None, int | None, list[int] | None]:
+    if user is None:
+        return None, None, None
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    # Drop root's groups too, not only its uid.
+    return entry.pw_uid, entry.pw_gid, []
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every live process below `pid` (Linux /proc), zombies excluded.
+
+    Needed because some children leave our process group on purpose: every postgres backend and
+    helper calls setsid(), so killing the postmaster's group alone would spare them.
+    """
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses; the fields after it do not.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[0] != b"Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].startswith(b"Z")
+
+
+def kill_tree(pids: Sequence[int], timeout: float = 5.0) -> None:
+    """SIGKILLs these pids and waits until each has exited (zombies count as exited)."""
+    for pid in pids:
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+class ChildProcess:
+    """One long-running child with its output appended to a log file.
+
+    The death signal is tied to the thread that calls `start()` (a Linux rule): start children from
+    the main thread or from a thread that lives as long as they should.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
+        death_signal: signal.Signals = signal.SIGTERM,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.user = user
+        self.stop_signal = stop_signal
+        self.death_signal = death_signal
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Starts the child; raises RuntimeError if it is still running from an earlier start."""
+        if self.alive:
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        uid, gid, groups = _user_ids(self.user)
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"--- {stamp} starting {self.name}: {shlex.join(self.argv)}\n".encode())
+            log.flush()
+            self._popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=_child_setup(self.death_signal, os.getpid()),
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the child has exited (negative: killed by that signal), else None."""
+        return self._popen.poll() if self._popen is not None else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Waits for the child to exit; raises subprocess.TimeoutExpired when it does not in time."""
+        if self._popen is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self._popen.wait(timeout)
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Signals the child itself (not its group); does nothing once it has exited."""
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.send_signal(sig)
+
+    def terminate(self, timeout: float = 20.0) -> int | None:
+        """Asks the child to stop with its stop signal, SIGKILLs its group after `timeout` seconds.
+
+        Returns the exit status, or None if it was never started. Safe to call again.
+        """
+        if self._popen is None:
+            return None
+        if self._popen.poll() is None:
+            self._popen.send_signal(self.stop_signal)
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self._popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILLs the child and all its descendants at once, the way a crash would.
+
+        Returns once they have all exited, so a restart never meets a survivor of the old one.
+        """
+        if self._popen is None:
+            return
+        if self._popen.poll() is None:
+            below = descendants(self._popen.pid)
+            # The leader is not reaped yet, so the group id cannot belong to anyone else.
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._popen.pid, signal.SIGKILL)
+            kill_tree(below + descendants(self._popen.pid))
+        self._popen.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the log, for error messages; empty when there is no log yet."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - 64 * 1024))
+                text = log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])

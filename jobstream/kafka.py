@@ -1,0 +1,70 @@
+"""Kafka clients configured the one way every service needs them.
+
+No idempotent or transactional producer: the embedded broker refuses them, and correctness never
+rests on them anyway. Postgres decides what counts, so every consumer is idempotent and every
+producer may deliver twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from jobstream.config import Settings
+
+
+def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=linger_ms,
+        max_batch_size=256 * 1024,
+        max_request_size=8 * 1024 * 1024,
+        request_timeout_ms=15_000,
+        client_id=f"jobstream-{settings.worker_id}",
+    )
+
+
+def make_group_consumer(settings: Settings, group: str, topics: Iterable[str]) -> AIOKafkaConsumer:
+    """A member of a consumer group that commits offsets itself, after the work is recorded."""
+    return AIOKafkaConsumer(
+        *[settings.topic(t) for t in topics],
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.group(group),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+        max_poll_interval_ms=300_000,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        client_id=f"jobstream-{settings.worker_id}",
+    )
+
+
+def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer outside any group, for topics every replica must read whole (updates, control)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        client_id=f"jobstream-{settings.worker_id}",
+    )
+
+
+async def assign_all_from_end(consumer: AIOKafkaConsumer, topic: str) -> None:
+    """Reads every partition of a topic from now on.
+
+    The embedded broker may report an end offset before the true end (when the newest batch held
+    several records), so a few old records can come again: readers must dedupe (by seq, by job id).
+    """
+    partitions = consumer.partitions_for_topic(topic)
+    if partitions is None:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)

@@ -1,0 +1,69 @@
+"""What every service process does the same way: logging, settings, and stopping on signals.
+
+Each service's `__main__` calls `run(serve)`: SIGINT/SIGTERM set the stop event, `serve` stops
+taking work, drains what it runs and closes its connections, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from jobstream.config import Settings, SettingsError
+from jobstream.kinds import load_kinds
+
+Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("job_id", "chunk", "attempt", "worker"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(settings: Settings, service: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def run(service: str, serve: Serve) -> None:
+    """Runs `serve` until SIGINT/SIGTERM; exits 2 on bad settings, 1 when serve fails."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as err:
+        print(f"jobstream {service}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(settings, service)
+    load_kinds(settings.kind_modules)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(main())
+    except Exception:
+        logging.getLogger(service).exception("%s stopped on an error", service)
+        raise SystemExit(1) from None

@@ -1,0 +1,4 @@
+from jobstream.service import run
+from services.gateway.server import serve
+
+run("gateway", serve)

@@ -1,0 +1,106 @@
+"""The JobService handlers: validate, then one store call each. Errors are raised, never mapped here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from jobstream.config import Settings
+from jobstream.errors import InvalidArgument, ResourceExhausted
+from jobstream.kinds import get_kind
+from jobstream.states import JobState
+from jobstream.v1 import jobstream_pb2 as pb
+from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
+from services.gateway.convert import job_to_proto
+from services.gateway.outbox import OutboxRelay
+from services.gateway.store import JobStore, NewJob, parse_job_id
+from services.gateway.watch import UpdatesHub, watch_events
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_IDEMPOTENCY_KEY = 200
+MAX_REASON = 1000
+# Until API keys exist every caller is this tenant; every query is already scoped by tenant.
+DEFAULT_TENANT = "default"
+
+
+class JobService(pb_grpc.JobServiceServicer):
+    def __init__(self, settings: Settings, store: JobStore, relay: OutboxRelay, hub: UpdatesHub) -> None:
+        self._settings = settings
+        self._store = store
+        self._relay = relay
+        self._hub = hub
+
+    def _tenant(self, context: Context) -> str:
+        return DEFAULT_TENANT
+
+    async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
+        job = self._validate_submit(request, self._tenant(context))
+        row, created = await self._store.create(job)
+        if created:
+            self._relay.wake()
+        return pb.SubmitResponse(job=job_to_proto(row))
+
+    def _validate_submit(self, request: pb.SubmitRequest, tenant_id: str) -> NewJob:
+        if not request.kind:
+            raise InvalidArgument("kind: required", field="kind")
+        kind = get_kind(request.kind)
+        limit = kind.max_input_bytes or self._settings.max_input_bytes
+        if len(request.input) > limit:
+            raise ResourceExhausted(f"input: {len(request.input)} bytes is over the limit of {limit} bytes")
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY} characters", field="idempotency_key")
+        params = kind.params.validate(json_format.MessageToDict(request.params))
+        kind.validate_input(params, request.input)
+        chunks = kind.count_chunks(params, request.input)
+        if chunks > self._settings.max_chunks_per_job:
+            raise InvalidArgument(
+                f"the job would have {chunks} chunks; at most {self._settings.max_chunks_per_job} are allowed",
+                field="params",
+            )
+        return NewJob(tenant_id, request.kind, params, request.input, request.idempotency_key)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
+        row = await self._store.get(self._tenant(context), parse_job_id(request.job_id))
+        return job_to_proto(row)
+
+    async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
+        job_id = parse_job_id(request.job_id)
+        if len(request.reason) > MAX_REASON:
+            raise InvalidArgument(f"reason: at most {MAX_REASON} characters", field="reason")
+        row = await self._store.request_cancel(self._tenant(context), job_id, request.reason)
+        self._relay.wake()
+        return pb.CancelResponse(job=job_to_proto(row))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size: at most {MAX_PAGE_SIZE}, got {page_size}", field="page_size")
+        if request.state not in pb.JobState.values():
+            raise InvalidArgument(f"state: unknown job state {request.state}", field="state")
+        rows, token = await self._store.list_jobs(
+            self._tenant(context),
+            page_size=page_size,
+            page_token=request.page_token,
+            state=request.state,
+            kind=request.kind,
+        )
+        return pb.ListJobsResponse(jobs=[job_to_proto(r) for r in rows], next_page_token=token)
+
+    async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
+        job_id = parse_job_id(request.job_id)
+        job = await self._store.get(self._tenant(context), job_id)
+        if request.after_seq > job["last_seq"]:
+            raise InvalidArgument(
+                f"after_seq: {request.after_seq} is past the job's last event ({job['last_seq']})",
+                field="after_seq",
+            )
+        if request.after_seq == job["last_seq"] and JobState(job["state"]).terminal:
+            return  # the client already saw the terminal event
+        async for event in watch_events(self._hub, self._store, job_id, request.after_seq):
+            yield event

@@ -1,0 +1,71 @@
+"""Publishes the outbox to Kafka: what Submit and Cancel committed reaches the broker eventually.
+
+Rows are taken with SKIP LOCKED, so several gateways relay side by side without sending a row
+twice at once, and deleted only in the transaction that saw Kafka acknowledge them: a crash or a
+broker outage leaves them for the next round. A consumer may still see a message twice; every
+consumer is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from psycopg_pool import AsyncConnectionPool
+
+from jobstream.config import Settings
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000
+IDLE_POLL_SECONDS = 1.0
+
+
+class OutboxRelay:
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool, producer: AIOKafkaProducer) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._producer = producer
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Called after a commit that wrote to the outbox, so it goes out now, not at the next poll."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                sent = await self.relay_once()
+                backoff = 0.1
+            except (TimeoutError, KafkaError, OSError) as err:
+                log.warning("outbox relay: broker unavailable (%s); retrying in %.1fs", err, backoff)
+                sent = 0
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            if sent == BATCH:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+
+    async def relay_once(self) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "DELETE FROM outbox WHERE id IN"
+                " (SELECT id FROM outbox ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, topic, key, value",
+                (BATCH,),
+            )
+            rows = sorted(await cur.fetchall())
+            if not rows:
+                return 0
+            futures = [
+                await self._producer.send(self._settings.topic(topic), value=bytes(value), key=key)
+                for _, topic, key, value in rows
+            ]
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=15)
+        return len(rows)

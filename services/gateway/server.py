@@ -1,0 +1,76 @@
+"""Starts the gateway: Postgres pool, Kafka producer, outbox relay, updates hub, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from jobstream.config import Settings
+from jobstream.db import open_pool
+from jobstream.kafka import make_producer
+from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
+from services.gateway.api import JobService
+from services.gateway.errors import ErrorMappingInterceptor
+from services.gateway.outbox import OutboxRelay
+from services.gateway.store import JobStore
+from services.gateway.watch import UpdatesHub
+
+log = logging.getLogger("gateway")
+
+SERVICE_NAME = "jobstream.v1.JobService"
+# Bounds chosen on purpose: inputs up to the 16 MiB default limit plus framing; clients that vanish
+# without closing are found by keepalive; long-lived connections are recycled so load spreads again.
+MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 5 * 60_000),
+]
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    pool = await open_pool(settings, name="gateway", min_size=2)
+    producer = make_producer(settings)
+    await producer.start()
+    store = JobStore(pool)
+    relay = OutboxRelay(settings, pool, producer)
+    hub = UpdatesHub(settings, store)
+    await hub.start()
+    relay_stop = asyncio.Event()
+    relay_task = asyncio.create_task(relay.run(relay_stop))
+
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS)
+    pb_grpc.add_JobServiceServicer_to_server(JobService(settings, store, relay, hub), server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(settings.gateway_listen)
+    if port == 0:
+        raise RuntimeError(f"gateway cannot listen on {settings.gateway_listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gateway serving on %s", settings.gateway_listen)
+
+    await stop.wait()
+    log.info("gateway stopping")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # Streams end at once (clients resume elsewhere with after_seq); unary calls get a grace period.
+    await server.stop(grace=5)
+    relay_stop.set()
+    relay.wake()
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(relay_task, 5)
+    await hub.stop()
+    await producer.stop()
+    await pool.close()

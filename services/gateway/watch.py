@@ -1,0 +1,176 @@
+"""Watch: replay a job's events from Postgres, then follow them live from Kafka, with no gap.
+
+One UpdatesHub per gateway reads every partition of jobs.updates and hands each event to the
+streams watching that job. A stream never trusts Kafka alone: events are delivered strictly by seq,
+and whenever the live feed skips a seq (a message lost between the scheduler's commit and its
+publish, a slow client whose buffer overflowed, a hub that started after the event) the stream reads
+the missing events from Postgres, the source of truth. A background check compares each stream
+with the job's last_seq in Postgres, so even a lost final event reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+
+from aiokafka.errors import KafkaError
+
+from jobstream import topics
+from jobstream.config import Settings
+from jobstream.events import is_terminal
+from jobstream.kafka import assign_all_from_end, make_broadcast_consumer
+from jobstream.v1 import jobstream_pb2 as pb
+from services.gateway.store import JobStore
+
+log = logging.getLogger(__name__)
+
+# A stream that falls this far behind stops buffering and catches up from Postgres instead.
+MAX_BUFFERED = 256
+CHECK_INTERVAL_SECONDS = 1.0
+CHECK_BATCH = 1000
+
+
+class Subscription:
+    __slots__ = ("buffer", "job_id", "last_delivery", "last_seq", "need_db", "ready")
+
+    def __init__(self, job_id: str, after_seq: int) -> None:
+        self.job_id = job_id
+        self.last_seq = after_seq
+        self.last_delivery = time.monotonic()
+        self.buffer: deque[pb.JobEvent] = deque()
+        self.need_db = True
+        self.ready = asyncio.Event()
+
+    def push(self, event: pb.JobEvent) -> None:
+        if event.seq <= self.last_seq:
+            return
+        if len(self.buffer) >= MAX_BUFFERED:
+            self.buffer.clear()
+            self.need_db = True
+        else:
+            self.buffer.append(event)
+        self.ready.set()
+
+    def nudge(self) -> None:
+        self.need_db = True
+        self.ready.set()
+
+
+class UpdatesHub:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self._settings = settings
+        self._store = store
+        self._subs: dict[str, set[Subscription]] = {}
+        self._consumer = make_broadcast_consumer(settings)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        await assign_all_from_end(self._consumer, self._settings.topic(topics.UPDATES))
+        self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._check_behind())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._consumer.stop()
+
+    def subscribe(self, job_id: str, after_seq: int) -> Subscription:
+        sub = Subscription(job_id, after_seq)
+        self._subs.setdefault(job_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.job_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.job_id]
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                batch = await self._consumer.getmany(timeout_ms=1000, max_records=5000)
+            except KafkaError as err:
+                log.warning("updates feed interrupted (%s); streams fall back to Postgres", err)
+                await asyncio.sleep(1)
+                continue
+            for records in batch.values():
+                for record in records:
+                    subs = self._subs.get(record.key.decode()) if record.key else None
+                    if not subs:
+                        continue
+                    event = pb.JobEvent.FromString(record.value)
+                    for sub in subs:
+                        sub.push(event)
+
+    async def _check_behind(self) -> None:
+        """Nudges streams that Postgres says are behind and that heard nothing for a while."""
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL_SECONDS)
+            job_ids = list(self._subs)
+            for start in range(0, len(job_ids), CHECK_BATCH):
+                batch = [uuid.UUID(j) for j in job_ids[start : start + CHECK_BATCH]]
+                try:
+                    last = await self._store.last_seqs(batch)
+                except Exception as err:
+                    log.warning("watch check against Postgres failed: %s", err)
+                    break
+                quiet_since = time.monotonic() - CHECK_INTERVAL_SECONDS
+                for job_id, last_seq in last.items():
+                    for sub in self._subs.get(job_id, ()):
+                        if sub.last_seq < last_seq and sub.last_delivery < quiet_since:
+                            sub.nudge()
+
+
+async def watch_events(
+    hub: UpdatesHub, store: JobStore, job_id: uuid.UUID, after_seq: int
+) -> AsyncIterator[pb.JobEvent]:
+    """Yields the job's events after `after_seq` in seq order, ending after the terminal event."""
+    sub = hub.subscribe(str(job_id), after_seq)
+    try:
+        while True:
+            if sub.need_db:
+                sub.need_db = False
+                while True:
+                    stored = await store.events_after(job_id, sub.last_seq)
+                    for raw in stored:
+                        event = pb.JobEvent.FromString(raw)
+                        yield _delivered(sub, event)
+                        if is_terminal(event):
+                            return
+                    if len(stored) < 500:
+                        break
+            while sub.buffer:
+                event = sub.buffer.popleft()
+                if event.seq <= sub.last_seq:
+                    continue
+                if event.seq != sub.last_seq + 1:
+                    sub.buffer.appendleft(event)
+                    sub.need_db = True
+                    break
+                yield _delivered(sub, event)
+                if is_terminal(event):
+                    return
+            if not sub.buffer and not sub.need_db:
+                sub.ready.clear()
+                await sub.ready.wait()
+    finally:
+        hub.unsubscribe(sub)
+
+
+def _delivered(sub: Subscription, event: pb.JobEvent) -> pb.JobEvent:
+    sub.last_seq = event.seq
+    sub.last_delivery = time.monotonic()
+    return event

@@ -1,0 +1,4 @@
+from jobstream.service import run
+from services.scheduler.server import serve
+
+run("scheduler", serve)

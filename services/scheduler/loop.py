@@ -1,0 +1,139 @@
+"""The scheduler's consume → record → publish → commit loop.
+
+A batch of messages from the job-keyed topics becomes one Postgres transaction over the jobs it
+touches; after the commit the resulting chunk tasks and events are published, and only then are
+the Kafka offsets committed. A crash anywhere replays the batch, and replaying is harmless because
+Postgres decides what counts (chunk results recorded once, seq assigned once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+import uuid
+from collections import defaultdict
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import CommitFailedError, KafkaError
+from psycopg_pool import AsyncConnectionPool
+
+from jobstream import topics
+from jobstream.bus.v1 import bus_pb2
+from jobstream.config import Settings
+from services.scheduler import store
+from services.scheduler.machine import JobMachine, JobWork, Outbound
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 2000
+MAX_IDLE_WAIT_MS = 200
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: AsyncConnectionPool,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._consumer = consumer
+        self._producer = producer
+        self._machine = JobMachine(settings.progress_interval_ms / 1000)
+        self._retries: list[tuple[float, uuid.UUID, int, int]] = []
+        self._topic_of = {settings.topic(t): t for t in topics.SCHEDULER_TOPICS}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batch = await self._consumer.getmany(timeout_ms=self._wait_ms(), max_records=MAX_BATCH)
+            records = [r for rs in batch.values() for r in rs]
+            work = self._collect(records)
+            self._add_due(work)
+            if work:
+                await self._process(work)
+            if records:
+                try:
+                    await self._consumer.commit()
+                except CommitFailedError as err:
+                    # The partitions moved while we worked; the new owner replays them idempotently.
+                    log.warning("offset commit refused after a rebalance: %s", err)
+
+    def _wait_ms(self) -> int:
+        due = [*self._machine.progress_due.values()]
+        if self._retries:
+            due.append(self._retries[0][0])
+        if not due:
+            return MAX_IDLE_WAIT_MS
+        return max(0, min(MAX_IDLE_WAIT_MS, int((min(due) - time.monotonic()) * 1000)))
+
+    def _collect(self, records: list[ConsumerRecord]) -> dict[uuid.UUID, JobWork]:
+        work: dict[uuid.UUID, JobWork] = defaultdict(JobWork)
+        for record in records:
+            topic = self._topic_of.get(record.topic)
+            try:
+                if topic == topics.SUBMITTED:
+                    submitted = bus_pb2.JobSubmitted.FromString(record.value)
+                    work[uuid.UUID(submitted.job_id)].submitted = True
+                elif topic == topics.PROGRESS:
+                    report = bus_pb2.ChunkReport.FromString(record.value)
+                    work[uuid.UUID(report.job_id)].reports.append(report)
+                elif topic == topics.CONTROL:
+                    control = bus_pb2.JobControl.FromString(record.value)
+                    if control.type == bus_pb2.CANCEL:
+                        work[uuid.UUID(control.job_id)].cancel_reason = control.reason
+            except ValueError as err:  # a malformed message must not stop every job behind it
+                log.error(
+                    "skipping unreadable message at %s[%d]@%d: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    err,
+                )
+        return work
+
+    def _add_due(self, work: dict[uuid.UUID, JobWork]) -> None:
+        now = time.monotonic()
+        for job_id, when in list(self._machine.progress_due.items()):
+            if when <= now:
+                del self._machine.progress_due[job_id]
+                work[job_id].flush_progress = True
+        while self._retries and self._retries[0][0] <= now:
+            _, job_id, idx, attempt = heapq.heappop(self._retries)
+            work[job_id].retries.append((idx, attempt))
+
+    async def _process(self, work: dict[uuid.UUID, JobWork]) -> None:
+        out = Outbound()
+        async with self._pool.connection() as conn, conn.transaction():
+            jobs = await store.lock_jobs(conn, list(work))
+            for job in jobs:
+                await self._machine.apply(conn, job, work[job.id], out)
+            await store.save_jobs(conn, jobs)
+            await store.insert_events(conn, [(uuid.UUID(e.job_id), e.seq, e.SerializeToString()) for e in out.events])
+        for entry in out.retry_at:
+            heapq.heappush(self._retries, entry)
+        await self._publish(out)
+
+    async def _publish(self, out: Outbound) -> None:
+        topic = self._settings.topic
+        messages: list[tuple[str, bytes, bytes]] = []
+        messages += [
+            (topic(topics.CHUNKS), f"{t.job_id}/{t.chunk_index}".encode(), t.SerializeToString()) for t in out.tasks
+        ]
+        messages += [(topic(topics.UPDATES), e.job_id.encode(), e.SerializeToString()) for e in out.events]
+        messages += [(topic(topics.CONTROL), c.job_id.encode(), c.SerializeToString()) for c in out.controls]
+        messages += [(topic(topics.DEAD_LETTER), d.job_id.encode(), d.SerializeToString()) for d in out.dead_letters]
+        delay = 0.2
+        while True:
+            try:
+                futures = [await self._producer.send(t, value=v, key=k) for t, k, v in messages]
+                await asyncio.gather(*futures)
+                return
+            except KafkaError as err:
+                # Postgres already holds the outcome; only the announcement waits for the broker.
+                log.warning("publishing %d messages failed (%s); retrying in %.1fs", len(messages), err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,0 +1,260 @@
+"""The job state machine: what one batch of messages does to one locked job.
+
+Everything here runs inside the batch transaction holding the job's row lock. It changes the
+JobRow in memory, writes chunk rows through the store, and appends what must go out after the
+commit (events, chunk tasks, dead letters, control messages) to an Outbound. Publishing only after
+the commit means a crash can lose a message but never announce something Postgres does not hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobstream.bus.v1 import bus_pb2
+from jobstream.events import dumps, now_timestamp, to_struct
+from jobstream.kinds import JobKind, get_kind
+from jobstream.progress import ProgressTracker
+from jobstream.states import JobState
+from jobstream.v1 import jobstream_pb2 as pb
+from services.scheduler import store
+from services.scheduler.store import Conn, JobRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobWork:
+    """What arrived for one job in a batch (or fell due on a timer)."""
+
+    submitted: bool = False
+    cancel_reason: str | None = None
+    reports: list[bus_pb2.ChunkReport] = field(default_factory=list)
+    retries: list[tuple[int, int]] = field(default_factory=list)  # (idx, attempt) now due
+    flush_progress: bool = False
+
+
+@dataclass
+class Outbound:
+    tasks: list[bus_pb2.ChunkTask] = field(default_factory=list)
+    events: list[pb.JobEvent] = field(default_factory=list)
+    dead_letters: list[bus_pb2.ChunkReport] = field(default_factory=list)
+    controls: list[bus_pb2.JobControl] = field(default_factory=list)
+    retry_at: list[tuple[float, uuid.UUID, int, int]] = field(default_factory=list)  # (monotonic, job, idx, attempt)
+
+
+class JobMachine:
+    def __init__(self, progress_interval_s: float) -> None:
+        self._interval = progress_interval_s
+        self._trackers: dict[uuid.UUID, ProgressTracker] = {}
+        self._last_emit: dict[uuid.UUID, float] = {}
+        # Jobs whose coalesced progress event is held back until this monotonic time.
+        self.progress_due: dict[uuid.UUID, float] = {}
+
+    async def apply(self, conn: Conn, job: JobRow, work: JobWork, out: Outbound) -> None:
+        tracker = self._tracker(job)
+        dirty = work.flush_progress
+        if work.submitted:
+            await self._start(conn, job, out)
+        if work.reports:
+            dirty |= await self._reports(conn, job, work.reports, out)
+        if work.retries and job.state == JobState.RUNNING:
+            await self._dispatch(conn, job, out, only=work.retries)
+        if work.cancel_reason is not None and not JobState(job.state).terminal:
+            await self._end(conn, job, JobState.CANCELLED, out, message=work.cancel_reason or "cancelled")
+        if job.state == JobState.RUNNING and job.done_chunks + job.failed_chunks >= job.total_chunks:
+            await self._succeed(conn, job, out)
+        if JobState(job.state).terminal:
+            self.forget(job.id)
+        elif dirty and job.state == JobState.RUNNING:
+            self._maybe_progress(job, tracker, out)
+
+    def forget(self, job_id: uuid.UUID) -> None:
+        self._trackers.pop(job_id, None)
+        self._last_emit.pop(job_id, None)
+        self.progress_due.pop(job_id, None)
+
+    def _tracker(self, job: JobRow) -> ProgressTracker:
+        tracker = self._trackers.get(job.id)
+        if tracker is None:
+            tracker = self._trackers[job.id] = ProgressTracker(total=job.total_chunks)
+        # The row is the truth for counts; the tracker only adds what is not stored (partial chunks).
+        tracker.total, tracker.done, tracker.failed = job.total_chunks, job.done_chunks, job.failed_chunks
+        tracker.message, tracker.started_at = job.progress_message, job.started_at
+        return tracker
+
+    def _event(self, job: JobRow, out: Outbound, type_: pb.EventType.ValueType, **fields: Any) -> pb.JobEvent:
+        tracker = self._tracker(job)
+        job.last_seq += 1
+        job.changed = True
+        event = pb.JobEvent(
+            job_id=str(job.id),
+            seq=job.last_seq,
+            type=type_,
+            state=pb.JobState.ValueType(job.state),
+            progress=tracker.to_proto(time.time()),
+            time=now_timestamp(),
+            **fields,
+        )
+        out.events.append(event)
+        return event
+
+    async def _start(self, conn: Conn, job: JobRow, out: Outbound) -> None:
+        if job.state == JobState.RUNNING:
+            # A redelivered submit: the split is stored, but its dispatch may not have gone out.
+            await self._dispatch(conn, job, out)
+            return
+        if job.state != JobState.QUEUED:
+            return
+        if job.cancel_requested:
+            await self._end(conn, job, JobState.CANCELLED, out, message="cancelled before it started")
+            return
+        try:
+            kind = get_kind(job.kind)
+            payloads = list(kind.split(job.params, await store.read_input(conn, job.id)))
+        except Exception as err:
+            log.warning("job %s: split failed: %s", job.id, err)
+            await self._end(conn, job, JobState.FAILED, out, error=f"splitting the job failed: {err}")
+            return
+        await store.insert_chunks(conn, job.id, payloads)
+        job.state = JobState.RUNNING
+        job.total_chunks = len(payloads)
+        job.started_at = time.time()
+        self._event(job, out, pb.JOB_STARTED, message=f"split into {len(payloads)} chunks")
+        self._last_emit[job.id] = time.monotonic()
+        params = dumps(job.params).encode()
+        timeout_ms = int((kind.chunk_timeout_s or 0) * 1000)
+        for idx, payload in enumerate(payloads):
+            out.tasks.append(_task(job, kind, idx, 1, payload, params, timeout_ms))
+
+    async def _dispatch(
+        self, conn: Conn, job: JobRow, out: Outbound, only: list[tuple[int, int]] | None = None
+    ) -> None:
+        kind = get_kind(job.kind)
+        params = dumps(job.params).encode()
+        timeout_ms = int((kind.chunk_timeout_s or 0) * 1000)
+        for idx, attempt, payload in await store.pending_chunks(conn, job.id, only):
+            out.tasks.append(_task(job, kind, idx, attempt, payload, params, timeout_ms))
+
+    async def _reports(self, conn: Conn, job: JobRow, reports: list[bus_pb2.ChunkReport], out: Outbound) -> bool:
+        """Applies workers' reports; returns whether progress changed."""
+        tracker = self._tracker(job)
+        if JobState(job.state).terminal:
+            stopped = [r.chunk_index for r in reports if r.type == bus_pb2.CHUNK_CANCELLED]
+            if stopped:
+                await store.mark_cancelled(conn, job.id, stopped)
+            return False
+        successes: dict[int, str] = {}
+        changed = False
+        for report in reports:
+            if report.type == bus_pb2.CHUNK_PROGRESS:
+                tracker.chunk_progress(report.chunk_index, report.fraction)
+                if report.message:
+                    job.progress_message = report.message
+                changed = True
+            elif report.type == bus_pb2.CHUNK_SUCCEEDED:
+                successes.setdefault(report.chunk_index, report.result_json.decode() or "null")
+            elif report.type == bus_pb2.CHUNK_FAILED:
+                changed |= await self._chunk_failed(conn, job, report, out)
+            elif report.type == bus_pb2.CHUNK_CANCELLED:
+                await store.mark_cancelled(conn, job.id, [report.chunk_index])
+            if JobState(job.state).terminal:
+                return False
+        if successes:
+            counted = await store.record_successes(conn, job.id, list(successes.items()))
+            for idx in counted:
+                tracker.chunk_finished(idx)
+            job.done_chunks += len(counted)
+            job.changed = True
+            changed = True
+        return changed
+
+    async def _chunk_failed(self, conn: Conn, job: JobRow, report: bus_pb2.ChunkReport, out: Outbound) -> bool:
+        idx, attempt = report.chunk_index, report.attempt
+        if not await store.running_attempt(conn, job.id, idx, attempt):
+            return False  # a stale attempt, or the chunk already finished
+        kind = get_kind(job.kind)
+        self._tracker(job).chunk_finished(idx)
+        error = f"chunk {idx} attempt {attempt}: {report.error}"
+        self._event(job, out, pb.CHUNK_FAILED, chunk_index=idx, attempt=attempt, error=report.error)
+        if not report.permanent and kind.retry.should_retry(attempt):
+            delay = kind.retry.delay(attempt)
+            next_attempt = await store.retry_chunk(conn, job.id, idx, report.error, delay)
+            self._event(
+                job,
+                out,
+                pb.CHUNK_RETRYING,
+                chunk_index=idx,
+                attempt=next_attempt,
+                message=f"retrying chunk {idx} in {delay:.1f}s (attempt {next_attempt})",
+            )
+            out.retry_at.append((time.monotonic() + delay, job.id, idx, next_attempt))
+            return False
+        await store.fail_chunk(conn, job.id, idx, report.error)
+        out.dead_letters.append(report)
+        job.failed_chunks += 1
+        job.changed = True
+        if not kind.allow_partial:
+            await self._end(conn, job, JobState.FAILED, out, error=f"{error} (no attempts left)")
+        return True
+
+    async def _succeed(self, conn: Conn, job: JobRow, out: Outbound) -> None:
+        try:
+            result = get_kind(job.kind).merge(job.params, await store.chunk_results(conn, job.id))
+        except Exception as err:
+            log.warning("job %s: merge failed: %s", job.id, err)
+            await self._end(conn, job, JobState.FAILED, out, error=f"merging chunk results failed: {err}")
+            return
+        job.result = result if isinstance(result, dict) else {"value": result}
+        await self._end(conn, job, JobState.SUCCEEDED, out)
+
+    async def _end(
+        self, conn: Conn, job: JobRow, state: JobState, out: Outbound, *, message: str = "", error: str = ""
+    ) -> None:
+        job.state = state
+        job.finished = True
+        job.error = error
+        job.changed = True
+        if state != JobState.SUCCEEDED and job.total_chunks:
+            await store.mark_cancelled(conn, job.id)
+            # Workers stop what still runs of a job that ended without them.
+            out.controls.append(bus_pb2.JobControl(job_id=str(job.id), type=bus_pb2.CANCEL, reason=error or message))
+        type_ = {
+            JobState.SUCCEEDED: pb.JOB_SUCCEEDED,
+            JobState.FAILED: pb.JOB_FAILED,
+            JobState.CANCELLED: pb.JOB_CANCELLED,
+        }[state]
+        fields: dict[str, Any] = {"message": message or f"job {state.name.lower()}", "error": error}
+        if job.result is not None:
+            fields["result"] = to_struct(job.result)
+        self._event(job, out, type_, **fields)
+
+    def _maybe_progress(self, job: JobRow, tracker: ProgressTracker, out: Outbound) -> None:
+        """Coalesces progress: at most one event per interval per job, the first one at once."""
+        now = time.monotonic()
+        last = self._last_emit.get(job.id, 0.0)
+        if now - last >= self._interval:
+            self._event(job, out, pb.JOB_PROGRESS, message=tracker.message)
+            self._last_emit[job.id] = now
+            self.progress_due.pop(job.id, None)
+        else:
+            self.progress_due.setdefault(job.id, last + self._interval)
+
+
+def _task(
+    job: JobRow, kind: JobKind, idx: int, attempt: int, payload: bytes, params: bytes, timeout_ms: int
+) -> bus_pb2.ChunkTask:
+    return bus_pb2.ChunkTask(
+        job_id=str(job.id),
+        tenant_id=job.tenant_id,
+        kind=kind.name,
+        chunk_index=idx,
+        attempt=attempt,
+        payload=payload,
+        params_json=params,
+        timeout_ms=timeout_ms,
+        dispatched_at=now_timestamp(),
+    )

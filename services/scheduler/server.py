@@ -1,0 +1,42 @@
+"""Starts the scheduler: one member of the scheduler consumer group on the job-keyed topics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from jobstream import topics
+from jobstream.config import Settings
+from jobstream.db import open_pool
+from jobstream.kafka import make_group_consumer, make_producer
+from services.scheduler.loop import Scheduler
+
+log = logging.getLogger("scheduler")
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    pool = await open_pool(settings, name="scheduler", min_size=2)
+    producer = make_producer(settings)
+    await producer.start()
+    consumer = make_group_consumer(settings, "scheduler", topics.SCHEDULER_TOPICS)
+    await consumer.start()
+    log.info("scheduler started")
+    scheduler = Scheduler(settings, pool, consumer, producer)
+    task = asyncio.create_task(scheduler.run(stop))
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # the loop only ends on its own by raising
+    else:
+        # The loop checks `stop` between batches; give the current batch time to finish.
+        try:
+            await asyncio.wait_for(task, timeout=10)
+        except TimeoutError:
+            log.warning("scheduler batch did not finish in time; it will be replayed")
+    stopped.cancel()
+    with contextlib.suppress(Exception):
+        await consumer.stop()
+    await producer.stop()
+    await pool.close()
+    log.info("scheduler stopped")

@@ -1,0 +1,207 @@
+"""The scheduler's SQL. Every write happens inside the batch transaction that holds the job rows'
+locks (SELECT ... FOR UPDATE), which is what makes each chunk result count exactly once and each
+event seq unique."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from jobstream.states import ChunkState
+
+Conn = AsyncConnection[Any]
+
+
+@dataclass
+class JobRow:
+    """The locked job row, changed in memory during a batch and written back once."""
+
+    id: uuid.UUID
+    tenant_id: str
+    kind: str
+    params: dict[str, Any]
+    state: int
+    total_chunks: int
+    done_chunks: int
+    failed_chunks: int
+    progress_message: str
+    last_seq: int
+    cancel_requested: bool
+    started_at: float | None
+    result: Any = None
+    error: str = ""
+    finished: bool = False
+    changed: bool = False
+
+
+async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> list[JobRow]:
+    """Locks the rows in id order, so two transactions never wait on each other in a cycle."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT id, tenant_id, kind, params, state, total_chunks, done_chunks, failed_chunks,"
+            " progress_message, last_seq, cancel_requested_at IS NOT NULL AS cancel_requested,"
+            " extract(epoch FROM started_at)::float8 AS started_at"
+            " FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            (list(job_ids),),
+        )
+        return [JobRow(**row) for row in await cur.fetchall()]
+
+
+async def save_jobs(conn: Conn, jobs: Iterable[JobRow]) -> None:
+    rows = [
+        (
+            job.state,
+            job.total_chunks,
+            job.done_chunks,
+            job.failed_chunks,
+            job.progress_message,
+            job.last_seq,
+            None if job.result is None else Jsonb(job.result),
+            job.error,
+            job.started_at,
+            job.finished,
+            job.id,
+        )
+        for job in jobs
+        if job.changed
+    ]
+    if not rows:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "UPDATE jobs SET state = %s, total_chunks = %s, done_chunks = %s, failed_chunks = %s,"
+            " progress_message = %s, last_seq = %s, result = %s, error = %s,"
+            " started_at = to_timestamp(%s),"
+            " finished_at = CASE WHEN %s THEN coalesce(finished_at, now()) END"
+            " WHERE id = %s",
+            rows,
+        )
+
+
+async def insert_events(conn: Conn, events: Sequence[tuple[uuid.UUID, int, bytes]]) -> None:
+    if not events:
+        return
+    async with conn.cursor() as cur, cur.copy("COPY job_events (job_id, seq, event) FROM STDIN") as copy:
+        for row in events:
+            await copy.write_row(row)
+
+
+async def read_input(conn: Conn, job_id: uuid.UUID) -> bytes:
+    cur = await conn.execute("SELECT data FROM job_inputs WHERE job_id = %s", (job_id,))
+    row = await cur.fetchone()
+    return b"" if row is None else bytes(row[0])
+
+
+async def insert_chunks(conn: Conn, job_id: uuid.UUID, payloads: Sequence[bytes]) -> None:
+    async with conn.cursor() as cur, cur.copy("COPY chunks (job_id, idx, payload) FROM STDIN") as copy:
+        for idx, payload in enumerate(payloads):
+            await copy.write_row((job_id, idx, payload))
+
+
+async def pending_chunks(
+    conn: Conn, job_id: uuid.UUID, only: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[int, int, bytes]]:
+    """(idx, attempt, payload) of the job's chunks waiting for a worker and due now.
+
+    With `only`, just those (idx, attempt) pairs, and only if still pending at that attempt: a retry
+    that a cancel or an earlier success overtook is not dispatched.
+    """
+    if only is None:
+        cur = await conn.execute(
+            "SELECT idx, attempt, payload FROM chunks WHERE job_id = %s AND state = %s"
+            " AND (not_before IS NULL OR not_before <= now()) ORDER BY idx",
+            (job_id, ChunkState.PENDING),
+        )
+    else:
+        cur = await conn.execute(
+            "SELECT c.idx, c.attempt, c.payload FROM chunks c"
+            " JOIN unnest(%s::int[], %s::int[]) AS t(idx, attempt) ON c.idx = t.idx AND c.attempt = t.attempt"
+            " WHERE c.job_id = %s AND c.state = %s ORDER BY c.idx",
+            ([i for i, _ in only], [a for _, a in only], job_id, ChunkState.PENDING),
+        )
+    return [(idx, attempt, bytes(payload)) for idx, attempt, payload in await cur.fetchall()]
+
+
+async def record_successes(conn: Conn, job_id: uuid.UUID, results: Sequence[tuple[int, str]]) -> list[int]:
+    """Marks chunks succeeded unless already final; returns the ones this call counted.
+
+    First completion wins, whatever its attempt: a late duplicate finds the chunk final and is not
+    counted again.
+    """
+    cur = await conn.execute(
+        "UPDATE chunks c SET state = %s, result = t.result::jsonb, finished_at = now(),"
+        " lease_expires_at = NULL, error = NULL"
+        " FROM unnest(%s::int[], %s::text[]) AS t(idx, result)"
+        " WHERE c.job_id = %s AND c.idx = t.idx AND c.state IN (%s, %s) RETURNING c.idx",
+        (
+            ChunkState.SUCCEEDED,
+            [i for i, _ in results],
+            [r for _, r in results],
+            job_id,
+            ChunkState.PENDING,
+            ChunkState.RUNNING,
+        ),
+    )
+    return [row[0] for row in await cur.fetchall()]
+
+
+async def running_attempt(conn: Conn, job_id: uuid.UUID, idx: int, attempt: int) -> bool:
+    """Whether the chunk is running at exactly this attempt (a stale attempt's failure is ignored)."""
+    cur = await conn.execute(
+        "SELECT 1 FROM chunks WHERE job_id = %s AND idx = %s AND attempt = %s AND state = %s",
+        (job_id, idx, attempt, ChunkState.RUNNING),
+    )
+    return await cur.fetchone() is not None
+
+
+async def retry_chunk(conn: Conn, job_id: uuid.UUID, idx: int, error: str, delay_s: float) -> int:
+    cur = await conn.execute(
+        "UPDATE chunks SET state = %s, attempt = attempt + 1, error = %s, worker_id = NULL,"
+        " lease_expires_at = NULL, not_before = now() + make_interval(secs => %s)"
+        " WHERE job_id = %s AND idx = %s RETURNING attempt",
+        (ChunkState.PENDING, error, delay_s, job_id, idx),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def fail_chunk(conn: Conn, job_id: uuid.UUID, idx: int, error: str) -> None:
+    await conn.execute(
+        "UPDATE chunks SET state = %s, error = %s, finished_at = now(), lease_expires_at = NULL"
+        " WHERE job_id = %s AND idx = %s",
+        (ChunkState.FAILED, error, job_id, idx),
+    )
+
+
+async def mark_cancelled(conn: Conn, job_id: uuid.UUID, running_idx: Sequence[int] | None = None) -> None:
+    """Cancels the job's pending chunks, or just the given running ones a worker reported stopped.
+
+    Running chunks stay running until their worker says they stopped, so the chunk table tells
+    the truth about what still runs.
+    """
+    if running_idx is None:
+        await conn.execute(
+            "UPDATE chunks SET state = %s, finished_at = now() WHERE job_id = %s AND state = %s",
+            (ChunkState.CANCELLED, job_id, ChunkState.PENDING),
+        )
+    else:
+        await conn.execute(
+            "UPDATE chunks SET state = %s, finished_at = now(), lease_expires_at = NULL"
+            " WHERE job_id = %s AND idx = ANY(%s) AND state = %s",
+            (ChunkState.CANCELLED, job_id, list(running_idx), ChunkState.RUNNING),
+        )
+
+
+async def chunk_results(conn: Conn, job_id: uuid.UUID) -> list[Any]:
+    cur = await conn.execute(
+        "SELECT result FROM chunks WHERE job_id = %s AND state = %s ORDER BY idx",
+        (job_id, ChunkState.SUCCEEDED),
+    )
+    return [row[0] for row in await cur.fetchall()]

@@ -1,0 +1,4 @@
+from jobstream.service import run
+from services.worker.server import serve
+
+run("worker", serve)

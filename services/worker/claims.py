@@ -1,0 +1,65 @@
+"""A worker's leases in Postgres: the claim that must succeed before a chunk runs, and heartbeats.
+
+The claim moves a chunk from pending to running for exactly the dispatched attempt. Cancel moves
+pending chunks to cancelled under the same row locks, so a chunk of a cancelled job can never be
+claimed, and a second delivery of the same attempt (a rebalance, a replay) finds it running and
+is refused: the chunk does not run twice at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from psycopg_pool import AsyncConnectionPool
+
+from jobstream.bus.v1 import bus_pb2
+from jobstream.states import ChunkState
+
+ChunkKey = tuple[str, int]
+
+
+async def claim(
+    pool: AsyncConnectionPool, tasks: Sequence[bus_pb2.ChunkTask], worker_id: str, lease_s: float
+) -> set[ChunkKey]:
+    """Claims what it can of `tasks` in one statement; returns the (job_id, idx) it now holds."""
+    if not tasks:
+        return set()
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "UPDATE chunks c SET state = %s, worker_id = %s, claimed_at = now(),"
+            " lease_expires_at = now() + make_interval(secs => %s)"
+            " FROM unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
+            " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt AND c.state = %s"
+            " RETURNING c.job_id, c.idx",
+            (
+                ChunkState.RUNNING,
+                worker_id,
+                lease_s,
+                [uuid.UUID(t.job_id) for t in tasks],
+                [t.chunk_index for t in tasks],
+                [t.attempt for t in tasks],
+                ChunkState.PENDING,
+            ),
+        )
+        return {(str(job_id), idx) for job_id, idx in await cur.fetchall()}
+
+
+async def heartbeat(pool: AsyncConnectionPool, held: Sequence[ChunkKey], worker_id: str, lease_s: float) -> int:
+    """Extends the leases this worker still holds; returns how many it extended."""
+    if not held:
+        return 0
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => %s)"
+            " FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, idx)"
+            " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.worker_id = %s AND c.state = %s",
+            (
+                lease_s,
+                [uuid.UUID(j) for j, _ in held],
+                [i for _, i in held],
+                worker_id,
+                ChunkState.RUNNING,
+            ),
+        )
+        return cur.rowcount

@@ -1,0 +1,124 @@
+"""Runs one claimed chunk: the kind's code under a timeout, interruptible by cancel, and reports it.
+
+Whatever the kind does (raises, hangs past its timeout, returns something that is not JSON), the
+outcome is a report about this chunk; it never takes the worker down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from jobstream.bus.v1 import bus_pb2
+from jobstream.errors import ChunkError
+from jobstream.events import dumps, now_timestamp
+from jobstream.kinds import get_kind
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[bus_pb2.ChunkReport], Awaitable[None]]
+
+# Progress within a chunk is sent at most this often; a chunk shorter than this sends none, its
+# completion says it all. The scheduler coalesces again per job.
+PROGRESS_EVERY_SECONDS = 0.1
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+
+
+class Stop(Exception):
+    """Why a running chunk was interrupted."""
+
+
+class ChunkRun:
+    """One attempt of one chunk on this worker; it is also the ChunkContext the kind sees."""
+
+    def __init__(self, task: bus_pb2.ChunkTask, worker_id: str, report: Report) -> None:
+        self.task = task
+        self.job_id = task.job_id
+        self.chunk_index = task.chunk_index
+        self.attempt = task.attempt
+        self.params: Mapping[str, Any] = json.loads(task.params_json or b"{}")
+        self._worker_id = worker_id
+        self._report = report
+        self._cancelled = False
+        self._last_progress = time.monotonic()
+        self.asyncio_task: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job_id, self.chunk_index)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """The job was cancelled (or ended): interrupt the kind's code at its next await."""
+        self._cancelled = True
+        if self.asyncio_task is not None:
+            self.asyncio_task.cancel()
+
+    async def report(self, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_EVERY_SECONDS:
+            return
+        self._last_progress = now
+        await self._send(bus_pb2.CHUNK_PROGRESS, fraction=fraction, message=message)
+
+    async def _send(self, type_: bus_pb2.ReportType.ValueType, **fields: Any) -> None:
+        await self._report(
+            bus_pb2.ChunkReport(
+                job_id=self.job_id,
+                chunk_index=self.chunk_index,
+                attempt=self.attempt,
+                type=type_,
+                worker_id=self._worker_id,
+                time=now_timestamp(),
+                **fields,
+            )
+        )
+
+    async def run(self) -> None:
+        try:
+            result_json = await self._execute()
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise  # the worker itself is stopping; it decides what to report
+            await self._send(bus_pb2.CHUNK_CANCELLED, message="cancelled")
+            return
+        except ChunkError as err:
+            await self._fail(str(err), permanent=not err.retryable)
+            return
+        except TimeoutError:
+            await self._fail(f"timed out after {self.task.timeout_ms / 1000:g}s")
+            return
+        except Exception as err:
+            log.warning("job %s chunk %d attempt %d raised %r", self.job_id, self.chunk_index, self.attempt, err)
+            await self._fail(f"{type(err).__name__}: {err}")
+            return
+        await self._send(bus_pb2.CHUNK_SUCCEEDED, result_json=result_json)
+
+    async def _execute(self) -> bytes:
+        kind = get_kind(self.task.kind)
+        work = kind.run(self, self.task.payload)
+        if self.task.timeout_ms:
+            result = await asyncio.wait_for(work, self.task.timeout_ms / 1000)
+        else:
+            result = await work
+        try:
+            encoded = dumps(result).encode()
+        except (TypeError, ValueError) as err:
+            raise ChunkError(f"the chunk's result is not JSON-serialisable: {err}") from None
+        if len(encoded) > MAX_RESULT_BYTES:
+            raise ChunkError(f"the chunk's result is {len(encoded)} bytes; at most {MAX_RESULT_BYTES} are allowed")
+        return encoded
+
+    async def _fail(self, error: str, *, permanent: bool = False) -> None:
+        log.info("job %s chunk %d attempt %d failed: %s", self.job_id, self.chunk_index, self.attempt, error)
+        await self._send(bus_pb2.CHUNK_FAILED, error=error, permanent=permanent)
+
+    async def fail_stopped(self, reason: str) -> None:
+        await self._fail(reason)

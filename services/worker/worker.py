@@ -1,0 +1,153 @@
+"""The worker loop: fetch as many chunk tasks as there are free slots, claim them, run them.
+
+Offsets are committed right after the claim: from then on Postgres (the lease) holds the chunk,
+not Kafka, so a worker that dies mid-chunk loses nothing: its lease expires and the chunk is
+dispatched again. A second listener reads every cancel on jobs.control and interrupts the chunks
+of that job that run here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from psycopg_pool import AsyncConnectionPool
+
+from jobstream import topics
+from jobstream.bus.v1 import bus_pb2
+from jobstream.config import Settings
+from jobstream.kafka import assign_all_from_end, make_broadcast_consumer
+from services.worker import claims
+from services.worker.runner import ChunkRun
+
+log = logging.getLogger(__name__)
+
+# A job seen cancelled is remembered this long, so its late-arriving tasks are dropped unclaimed.
+CANCELLED_MEMORY_SECONDS = 3600.0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: AsyncConnectionPool,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._consumer = consumer
+        self._producer = producer
+        self._running: dict[tuple[str, int], ChunkRun] = {}
+        self._slot_free = asyncio.Event()
+        self._cancelled: dict[str, float] = {}
+        self._control = make_broadcast_consumer(settings)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._control.start()
+        await assign_all_from_end(self._control, self._settings.topic(topics.CONTROL))
+        helpers = [asyncio.create_task(self._listen_control()), asyncio.create_task(self._heartbeat())]
+        try:
+            await self._fetch_loop(stop)
+            await self._drain()
+        finally:
+            for task in helpers:
+                task.cancel()
+            for task in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._control.stop()
+
+    async def _fetch_loop(self, stop: asyncio.Event) -> None:
+        concurrency = self._settings.worker_concurrency
+        while not stop.is_set():
+            free = concurrency - len(self._running)
+            if free <= 0:
+                self._slot_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), 0.5)
+                continue
+            batch = await self._consumer.getmany(timeout_ms=200, max_records=free)
+            tasks = [bus_pb2.ChunkTask.FromString(r.value) for rs in batch.values() for r in rs]
+            if not tasks:
+                continue
+            wanted = [t for t in tasks if t.job_id not in self._cancelled]
+            held = await claims.claim(self._pool, wanted, self._settings.worker_id, self._settings.lease_seconds)
+            with contextlib.suppress(KafkaError):
+                await self._consumer.commit()
+            for task in wanted:
+                if (task.job_id, task.chunk_index) in held:
+                    self._start(task)
+
+    def _start(self, task: bus_pb2.ChunkTask) -> None:
+        run = ChunkRun(task, self._settings.worker_id, self._send_report)
+        self._running[run.key] = run
+        run.asyncio_task = asyncio.create_task(run.run())
+        run.asyncio_task.add_done_callback(lambda _: self._finished(run))
+
+    def _finished(self, run: ChunkRun) -> None:
+        self._running.pop(run.key, None)
+        self._slot_free.set()
+
+    async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
+        await self._producer.send(
+            self._settings.topic(topics.PROGRESS),
+            value=report.SerializeToString(),
+            key=report.job_id.encode(),
+        )
+
+    async def _listen_control(self) -> None:
+        while True:
+            try:
+                batch = await self._control.getmany(timeout_ms=1000)
+            except KafkaError as err:
+                log.warning("control feed interrupted: %s", err)
+                await asyncio.sleep(1)
+                continue
+            now = time.monotonic()
+            for records in batch.values():
+                for record in records:
+                    control = bus_pb2.JobControl.FromString(record.value)
+                    if control.type == bus_pb2.CANCEL:
+                        self._cancelled[control.job_id] = now
+                        self.cancel_job(control.job_id)
+            for job_id, seen in list(self._cancelled.items()):
+                if now - seen > CANCELLED_MEMORY_SECONDS:
+                    del self._cancelled[job_id]
+
+    def cancel_job(self, job_id: str) -> None:
+        for run in list(self._running.values()):
+            if run.job_id == job_id:
+                log.info("job %s chunk %d: interrupted by cancel", job_id, run.chunk_index)
+                run.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+            held = list(self._running)
+            try:
+                await claims.heartbeat(self._pool, held, self._settings.worker_id, self._settings.lease_seconds)
+            except Exception as err:  # a missed beat is survivable; the lease outlasts several
+                log.warning("heartbeat for %d chunks failed: %s", len(held), err)
+
+    async def _drain(self) -> None:
+        """Lets running chunks finish within the drain time, then stops and reports the rest."""
+        if self._running:
+            log.info("draining %d running chunks (up to %.0fs)", len(self._running), self._settings.drain_seconds)
+            pending = [r.asyncio_task for r in self._running.values() if r.asyncio_task]
+            await asyncio.wait(pending, timeout=self._settings.drain_seconds)
+        for run in list(self._running.values()):
+            if run.asyncio_task is not None:
+                run.asyncio_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run.asyncio_task
+            await run.fail_stopped("the worker stopped before the chunk finished")
+        await self._producer.flush()

@@ -1,0 +1,55 @@
+"""What the end-to-end tests share: submitting, watching to the end, and waiting for a condition."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import struct_pb2
+
+from jobstream.events import is_terminal
+from jobstream.v1 import jobstream_pb2 as pb
+
+if TYPE_CHECKING:
+    from jobstream.v1.jobstream_pb2_grpc import JobServiceAsyncStub as Client
+
+__all__ = ["Client", "assert_contiguous", "params", "submit", "wait_for", "watch_all"]
+
+TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+
+
+def params(**values: Any) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+async def submit(client: Client, kind: str, data: bytes = b"", **values: Any) -> pb.Job:
+    response = await client.Submit(pb.SubmitRequest(kind=kind, params=params(**values), input=data))
+    return response.job
+
+
+async def watch_all(client: Client, job_id: str, after_seq: int = 0, within: float = 60) -> list[pb.JobEvent]:
+    """Every event the stream delivers until it ends (it ends after the terminal event)."""
+
+    async def collect() -> list[pb.JobEvent]:
+        return [event async for event in client.Watch(pb.WatchRequest(job_id=job_id, after_seq=after_seq))]
+
+    return await asyncio.wait_for(collect(), within)
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], within: float = 30, what: str = "condition") -> None:
+    """Polls `condition` until it holds; fails with `what` after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def assert_contiguous(events: list[pb.JobEvent], first: int = 1) -> None:
+    seqs = [e.seq for e in events]
+    assert seqs == list(range(first, first + len(seqs))), f"seqs not contiguous: {seqs}"
+    assert events and is_terminal(events[-1]), "stream did not end with the terminal event"
+    assert not any(is_terminal(e) for e in events[:-1]), "an event followed the terminal event"

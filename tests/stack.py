@@ -1,0 +1,94 @@
+"""The real stack the end-to-end tests run against: embedded Postgres and broker, plus the three
+services as child processes, each on free ports, in a temporary folder."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from jobstream.config import Settings
+from jobstream.db import apply_schema
+from jobstream.embedded.broker import EmbeddedBroker
+from jobstream.embedded.ports import free_port
+from jobstream.embedded.postgres import EmbeddedPostgres
+from jobstream.embedded.procs import ChildProcess
+from jobstream.topics import ensure_topics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    root: Path
+    postgres: EmbeddedPostgres
+    broker: EmbeddedBroker
+    database_url: str = ""
+    bootstrap: str = ""
+    gateway_addr: str = ""
+    services: dict[str, ChildProcess] = field(default_factory=dict)
+    env_overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(database_url=self.database_url, kafka_bootstrap=self.bootstrap)
+
+    def service_env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            JOBSTREAM_DATABASE_URL=self.database_url,
+            JOBSTREAM_KAFKA_BOOTSTRAP=self.bootstrap,
+            JOBSTREAM_GATEWAY_LISTEN=self.gateway_addr,
+            PYTHONPATH=str(REPO),
+        )
+        env.update(self.env_overrides)
+        env.update(extra)
+        return env
+
+    def start_service(self, name: str, module: str, **env: str) -> ChildProcess:
+        proc = ChildProcess(
+            name,
+            [sys.executable, "-m", module],
+            log_path=self.root / "logs" / f"{name}.log",
+            env=self.service_env(**env),
+            cwd=REPO,
+        )
+        proc.start()
+        self.services[name] = proc
+        return proc
+
+    def start_worker(self, name: str, **env: str) -> ChildProcess:
+        return self.start_service(name, "services.worker", JOBSTREAM_WORKER_ID=name, **env)
+
+    def workers(self) -> list[str]:
+        return [n for n, p in self.services.items() if n.startswith("worker") and p.alive]
+
+    async def start(self, workers: int) -> None:
+        self.database_url = await asyncio.to_thread(self.postgres.start)
+        self.bootstrap = await asyncio.to_thread(self.broker.start)
+        self.gateway_addr = f"127.0.0.1:{free_port()}"
+        await apply_schema(self.database_url)
+        await ensure_topics(self.settings)
+        self.start_service("scheduler", "services.scheduler")
+        self.start_service("gateway", "services.gateway")
+        for i in range(1, workers + 1):
+            self.start_worker(f"worker-{i}")
+        await self.wait_gateway()
+
+    async def wait_gateway(self, within: float = 60) -> None:
+        async with grpc.aio.insecure_channel(self.gateway_addr) as channel:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), within)
+            except TimeoutError:
+                logs = "\n".join(f"== {n}\n{p.log_tail()}" for n, p in self.services.items())
+                raise RuntimeError(f"gateway not ready after {within}s\n{logs}") from None
+
+    def stop(self) -> None:
+        for name in sorted(self.services, key=lambda n: (not n.startswith("worker"), n != "gateway")):
+            self.services[name].terminate(timeout=20)
+        self.broker.stop()
+        self.postgres.stop()
