@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from jobstream.config import Settings
 
@@ -29,6 +30,11 @@ DEAD_LETTER = "jobs.deadletter"
 
 # Consumed by the scheduler group; every one keyed by job id.
 SCHEDULER_TOPICS = (SUBMITTED, PROGRESS, CONTROL)
+
+
+def partition_of(job_id: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for a message keyed by this job id."""
+    return int((murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions)
 
 
 @dataclass(frozen=True)

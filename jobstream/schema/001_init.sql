@@ -12,6 +12,9 @@ INSERT INTO tenants (id, name) VALUES ('default', 'default');
 CREATE TABLE jobs (
     id                   uuid PRIMARY KEY,
     tenant_id            text NOT NULL REFERENCES tenants (id),
+    -- The partition of the job-keyed topics that carries this job: its owning scheduler finds
+    -- the jobs it must reconcile by this number.
+    partition            smallint NOT NULL,
     kind                 text NOT NULL,
     params               jsonb NOT NULL,
     idempotency_key      text,
@@ -37,7 +40,7 @@ CREATE TABLE jobs (
 );
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX jobs_tenant_newest ON jobs (tenant_id, created_at DESC, id DESC);
-CREATE INDEX jobs_unfinished ON jobs (state) WHERE state IN (1, 2);
+CREATE INDEX jobs_unfinished ON jobs (partition, state) WHERE state IN (1, 2);
 
 -- Kept apart from jobs so listing and watching never read the (up to MiBs of) input.
 CREATE TABLE job_inputs (

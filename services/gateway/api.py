@@ -15,6 +15,7 @@ from jobstream.states import JobState
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from services.gateway.convert import job_to_proto
+from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.outbox import OutboxRelay
 from services.gateway.store import JobStore, NewJob, parse_job_id
 from services.gateway.watch import UpdatesHub, watch_events
@@ -44,6 +45,7 @@ class JobService(pb_grpc.JobServiceServicer):
         row, created = await self._store.create(job)
         if created:
             self._relay.wake()
+            JOBS_SUBMITTED.labels(kind=job.kind).inc()
         return pb.SubmitResponse(job=job_to_proto(row))
 
     def _validate_submit(self, request: pb.SubmitRequest, tenant_id: str) -> NewJob:

@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream.config import Settings
+from services.gateway.metrics import OUTBOX_BACKLOG
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ class OutboxRelay:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+
+    async def track_backlog(self, every_s: float = 5.0) -> None:
+        while True:
+            try:
+                async with self._pool.connection() as conn:
+                    cur = await conn.execute("SELECT count(*) FROM outbox")
+                    row = await cur.fetchone()
+                OUTBOX_BACKLOG.set(row[0] if row else 0)
+            except Exception as err:
+                log.warning("counting the outbox failed: %s", err)
+            await asyncio.sleep(every_s)
 
     async def relay_once(self) -> int:
         async with self._pool.connection() as conn, conn.transaction():

@@ -13,9 +13,10 @@ from grpc_health.v1._async import HealthServicer
 from jobstream.config import Settings
 from jobstream.db import open_pool
 from jobstream.kafka import make_producer
+from jobstream.observability import OpsServer, combine, postgres_ready, watch_pool
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from services.gateway.api import JobService
-from services.gateway.errors import ErrorMappingInterceptor
+from services.gateway.interceptors import ErrorMappingInterceptor, MetricsInterceptor
 from services.gateway.outbox import OutboxRelay
 from services.gateway.store import JobStore
 from services.gateway.watch import UpdatesHub
@@ -42,14 +43,18 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     pool = await open_pool(settings, name="gateway", min_size=2)
     producer = make_producer(settings)
     await producer.start()
-    store = JobStore(pool)
+    store = JobStore(pool, settings.job_partitions)
     relay = OutboxRelay(settings, pool, producer)
     hub = UpdatesHub(settings, store)
     await hub.start()
     relay_stop = asyncio.Event()
     relay_task = asyncio.create_task(relay.run(relay_stop))
+    watch_pool(pool)
+    background = [asyncio.create_task(relay.track_backlog())]
+    ops = OpsServer(settings.metrics_port, combine(lambda: postgres_ready(pool), hub.kafka_ready))
+    await ops.start()
 
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor()], options=SERVER_OPTIONS)
     pb_grpc.add_JobServiceServicer_to_server(JobService(settings, store, relay, hub), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -71,6 +76,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     relay.wake()
     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(relay_task, 5)
+    for task in background:
+        task.cancel()
+    await ops.stop()
     await hub.stop()
     await producer.stop()
     await pool.close()

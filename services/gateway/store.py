@@ -23,6 +23,7 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.errors import AlreadyExists, InvalidArgument, NotFound
 from jobstream.events import dumps, now_timestamp
 from jobstream.states import ChunkState, JobState
+from jobstream.topics import partition_of
 from jobstream.v1 import jobstream_pb2 as pb
 
 JOB_COLUMNS = (
@@ -58,8 +59,9 @@ def parse_job_id(raw: str) -> uuid.UUID:
 
 
 class JobStore:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, job_partitions: int) -> None:
         self._pool = pool
+        self._partitions = job_partitions
 
     async def create(self, job: NewJob) -> tuple[JobRow, bool]:
         """Stores the job with its first event and its outbox message; returns (row, created).
@@ -86,11 +88,20 @@ class JobStore:
             conn.cursor(row_factory=dict_row) as cur,
         ):
             await cur.execute(
-                "INSERT INTO jobs (id, tenant_id, kind, params, idempotency_key, request_hash, state, last_seq)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, 1)"
+                "INSERT INTO jobs (id, tenant_id, partition, kind, params, idempotency_key, request_hash,"
+                " state, last_seq) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1)"
                 " ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
                 f" RETURNING {JOB_COLUMNS}",
-                (job_id, job.tenant_id, job.kind, json.dumps(job.params), key, request_hash, JobState.QUEUED),
+                (
+                    job_id,
+                    job.tenant_id,
+                    partition_of(str(job_id), self._partitions),
+                    job.kind,
+                    json.dumps(job.params),
+                    key,
+                    request_hash,
+                    JobState.QUEUED,
+                ),
             )
             row = await cur.fetchone()
             if row is None:

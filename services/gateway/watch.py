@@ -24,7 +24,9 @@ from jobstream import topics
 from jobstream.config import Settings
 from jobstream.events import is_terminal
 from jobstream.kafka import assign_all_from_end, make_broadcast_consumer
+from jobstream.observability import kafka_ready
 from jobstream.v1 import jobstream_pb2 as pb
+from services.gateway.metrics import EVENT_LATENCY, WATCH_STREAMS
 from services.gateway.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class UpdatesHub:
         self._subs: dict[str, set[Subscription]] = {}
         self._consumer = make_broadcast_consumer(settings)
         self._tasks: list[asyncio.Task[None]] = []
+        WATCH_STREAMS.set_function(lambda: self.open_streams)
 
     @property
     def open_streams(self) -> int:
@@ -85,6 +88,9 @@ class UpdatesHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._consumer.stop()
+
+    async def kafka_ready(self) -> str | None:
+        return await kafka_ready(self._consumer)
 
     def subscribe(self, job_id: str, after_seq: int) -> Subscription:
         sub = Subscription(job_id, after_seq)
@@ -160,6 +166,7 @@ async def watch_events(
                     sub.buffer.appendleft(event)
                     sub.need_db = True
                     break
+                EVENT_LATENCY.observe(max(0.0, time.time() - event.time.ToMicroseconds() / 1e6))
                 yield _delivered(sub, event)
                 if is_terminal(event):
                     return

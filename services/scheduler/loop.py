@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from services.scheduler import store
+from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,29 @@ class Scheduler:
             await store.insert_events(conn, [(uuid.UUID(e.job_id), e.seq, e.SerializeToString()) for e in out.events])
         for entry in out.retry_at:
             heapq.heappush(self._retries, entry)
+        for kind, state, seconds in out.finished:
+            metrics.JOBS_FINISHED.labels(kind=kind, state=state).inc()
+            metrics.JOB_DURATION.labels(kind=kind).observe(seconds)
+        for kind in out.retried:
+            metrics.CHUNK_RETRIES.labels(kind=kind).inc()
+        for kind in out.dead:
+            metrics.DEAD_LETTERS.labels(kind=kind).inc()
         await self._publish(out)
+
+    def owned_partitions(self) -> list[int]:
+        """The job partitions this scheduler owns now: its jobs are the ones on them."""
+        submitted = self._settings.topic(topics.SUBMITTED)
+        return sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == submitted)
+
+    async def track_jobs(self, every_s: float = 5.0) -> None:
+        while True:
+            try:
+                running, stalled = await store.count_running(self._pool, self.owned_partitions())
+                metrics.JOBS_RUNNING.set(running)
+                metrics.JOBS_STALLED.set(stalled)
+            except Exception as err:
+                log.warning("counting running jobs failed: %s", err)
+            await asyncio.sleep(every_s)
 
     async def _publish(self, out: Outbound) -> None:
         topic = self._settings.topic

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from jobstream.bus.v1 import bus_pb2
 from jobstream.events import dumps, now_timestamp, to_struct
 from jobstream.kinds import JobKind, get_kind
@@ -43,7 +45,11 @@ class Outbound:
     events: list[pb.JobEvent] = field(default_factory=list)
     dead_letters: list[bus_pb2.ChunkReport] = field(default_factory=list)
     controls: list[bus_pb2.JobControl] = field(default_factory=list)
-    retry_at: list[tuple[float, uuid.UUID, int, int]] = field(default_factory=list)  # (monotonic, job, idx, attempt)
+    retry_at: list[tuple[float, uuid.UUID, int, int]] = field(default_factory=list)
+    # For metrics, counted after the commit: (kind, state name, seconds since start).
+    finished: list[tuple[str, str, float]] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)  # (monotonic, job, idx, attempt)
 
 
 class JobMachine:
@@ -53,6 +59,9 @@ class JobMachine:
         self._last_emit: dict[uuid.UUID, float] = {}
         # Jobs whose coalesced progress event is held back until this monotonic time.
         self.progress_due: dict[uuid.UUID, float] = {}
+        # The newest worker report behind a job's next event: the event carries its time, so the
+        # latency a client sees is measured from the worker, not from the scheduler.
+        self._report_time: dict[uuid.UUID, Timestamp] = {}
 
     async def apply(self, conn: Conn, job: JobRow, work: JobWork, out: Outbound) -> None:
         tracker = self._tracker(job)
@@ -75,6 +84,7 @@ class JobMachine:
     def forget(self, job_id: uuid.UUID) -> None:
         self._trackers.pop(job_id, None)
         self._last_emit.pop(job_id, None)
+        self._report_time.pop(job_id, None)
         self.progress_due.pop(job_id, None)
 
     def _tracker(self, job: JobRow) -> ProgressTracker:
@@ -90,13 +100,14 @@ class JobMachine:
         tracker = self._tracker(job)
         job.last_seq += 1
         job.changed = True
+        when = self._report_time.pop(job.id, None) or now_timestamp()
         event = pb.JobEvent(
             job_id=str(job.id),
             seq=job.last_seq,
             type=type_,
             state=pb.JobState.ValueType(job.state),
             progress=tracker.to_proto(time.time()),
-            time=now_timestamp(),
+            time=when,
             **fields,
         )
         out.events.append(event)
@@ -149,6 +160,9 @@ class JobMachine:
             return False
         successes: dict[int, str] = {}
         changed = False
+        newest = max(reports, key=lambda r: (r.time.seconds, r.time.nanos)).time
+        if newest.seconds:
+            self._report_time[job.id] = newest
         for report in reports:
             if report.type == bus_pb2.CHUNK_PROGRESS:
                 tracker.chunk_progress(report.chunk_index, report.fraction)
@@ -192,9 +206,11 @@ class JobMachine:
                 message=f"retrying chunk {idx} in {delay:.1f}s (attempt {next_attempt})",
             )
             out.retry_at.append((time.monotonic() + delay, job.id, idx, next_attempt))
+            out.retried.append(job.kind)
             return False
         await store.fail_chunk(conn, job.id, idx, report.error)
         out.dead_letters.append(report)
+        out.dead.append(job.kind)
         job.failed_chunks += 1
         job.changed = True
         if not kind.allow_partial:
@@ -218,6 +234,7 @@ class JobMachine:
         job.finished = True
         job.error = error
         job.changed = True
+        out.finished.append((job.kind, state.name.lower(), time.time() - (job.started_at or time.time())))
         if state != JobState.SUCCEEDED and job.total_chunks:
             await store.mark_cancelled(conn, job.id)
             # Workers stop what still runs of a job that ended without them.

@@ -10,6 +10,7 @@ from jobstream import topics
 from jobstream.config import Settings
 from jobstream.db import open_pool
 from jobstream.kafka import make_group_consumer, make_producer
+from jobstream.observability import OpsServer, combine, kafka_ready, postgres_ready, track_lag, watch_pool
 from services.scheduler.loop import Scheduler
 
 log = logging.getLogger("scheduler")
@@ -23,6 +24,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await consumer.start()
     log.info("scheduler started")
     scheduler = Scheduler(settings, pool, consumer, producer)
+    watch_pool(pool)
+    ops = OpsServer(settings.metrics_port, combine(lambda: postgres_ready(pool), lambda: kafka_ready(consumer)))
+    await ops.start()
+    background = [
+        asyncio.create_task(scheduler.track_jobs()),
+        asyncio.create_task(track_lag(consumer, settings.group("scheduler"))),
+    ]
     task = asyncio.create_task(scheduler.run(stop))
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -35,6 +43,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         except TimeoutError:
             log.warning("scheduler batch did not finish in time; it will be replayed")
     stopped.cancel()
+    for each in background:
+        each.cancel()
+    await ops.stop()
     with contextlib.suppress(Exception):
         await consumer.stop()
     await producer.stop()

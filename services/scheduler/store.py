@@ -12,8 +12,9 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
-from jobstream.states import ChunkState
+from jobstream.states import ChunkState, JobState
 
 Conn = AsyncConnection[Any]
 
@@ -205,3 +206,16 @@ async def chunk_results(conn: Conn, job_id: uuid.UUID) -> list[Any]:
         (job_id, ChunkState.SUCCEEDED),
     )
     return [row[0] for row in await cur.fetchall()]
+
+
+async def count_running(pool: AsyncConnectionPool, partitions: Sequence[int]) -> tuple[int, int]:
+    """(running, stalled) jobs on these partitions; stalled = no event for 5 minutes."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE e.created_at < now() - interval '5 minutes')"
+            " FROM jobs j JOIN job_events e ON e.job_id = j.id AND e.seq = j.last_seq"
+            " WHERE j.partition = ANY(%s) AND j.state = %s",
+            (list(partitions), JobState.RUNNING),
+        )
+        row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)

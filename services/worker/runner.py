@@ -17,6 +17,7 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.errors import ChunkError
 from jobstream.events import dumps, now_timestamp
 from jobstream.kinds import get_kind
+from services.worker.metrics import CHUNK_DURATION
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +83,36 @@ class ChunkRun:
         )
 
     async def run(self) -> None:
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            outcome = await self._run()
+        except asyncio.CancelledError:
+            outcome = "stopped"
+            raise
+        finally:
+            CHUNK_DURATION.labels(kind=self.task.kind, outcome=outcome).observe(time.perf_counter() - started)
+
+    async def _run(self) -> str:
         try:
             result_json = await self._execute()
         except asyncio.CancelledError:
             if not self._cancelled:
                 raise  # the worker itself is stopping; it decides what to report
             await self._send(bus_pb2.CHUNK_CANCELLED, message="cancelled")
-            return
+            return "cancelled"
         except ChunkError as err:
             await self._fail(str(err), permanent=not err.retryable)
-            return
+            return "failed"
         except TimeoutError:
             await self._fail(f"timed out after {self.task.timeout_ms / 1000:g}s")
-            return
+            return "failed"
         except Exception as err:
             log.warning("job %s chunk %d attempt %d raised %r", self.job_id, self.chunk_index, self.attempt, err)
             await self._fail(f"{type(err).__name__}: {err}")
-            return
+            return "failed"
         await self._send(bus_pb2.CHUNK_SUCCEEDED, result_json=result_json)
+        return "succeeded"
 
     async def _execute(self) -> bytes:
         kind = get_kind(self.task.kind)

@@ -21,7 +21,7 @@ from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
 from jobstream.kafka import assign_all_from_end, make_broadcast_consumer
-from services.worker import claims
+from services.worker import claims, metrics
 from services.worker.runner import ChunkRun
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._cancelled: dict[str, float] = {}
         self._control = make_broadcast_consumer(settings)
+        metrics.CONCURRENCY.set(settings.worker_concurrency)
+        metrics.IN_FLIGHT.set_function(lambda: len(self._running))
 
     @property
     def in_flight(self) -> int:

@@ -1,0 +1,150 @@
+"""The gateway's cross-cutting concerns as a chain of server interceptors.
+
+Order (outermost first): metrics see the final status code of every call; error mapping turns
+domain errors into status codes once, so handlers only raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from jobstream import errors
+from services.gateway.metrics import GRPC_LATENCY, GRPC_REQUESTS
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Unary = Callable[[Any, Context], Awaitable[Any]]
+Stream = Callable[[Any, Context], AsyncIterator[Any]]
+
+STATUS_OF: dict[type[errors.JobstreamError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(err: errors.JobstreamError) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Wraps unary and server-streaming handlers; subclasses say how."""
+
+    def wrap_unary(self, method: str, inner: Unary) -> Unary:
+        return inner
+
+    def wrap_stream(self, method: str, inner: Stream) -> Stream:
+        return inner
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        # The stubs type handlers for the sync server only; the aio handlers are coroutines.
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self.wrap_unary(method, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self.wrap_stream(method, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler
+
+
+class ErrorMappingInterceptor(WrappingInterceptor):
+    @staticmethod
+    async def _abort(context: Context, err: errors.JobstreamError) -> None:
+        if isinstance(err, errors.ResourceExhausted) and err.retry_after_seconds is not None:
+            context.set_trailing_metadata((("retry-after-seconds", f"{err.retry_after_seconds:.3f}"),))
+        await context.abort(status_of(err), err.message)
+
+    def wrap_unary(self, method: str, inner: Unary) -> Unary:
+        async def unary(request: Any, context: Context) -> Any:
+            try:
+                return await inner(request, context)
+            except errors.JobstreamError as err:
+                await self._abort(context, err)
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                raise
+
+        return unary
+
+    def wrap_stream(self, method: str, inner: Stream) -> Stream:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except errors.JobstreamError as err:
+                await self._abort(context, err)
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                raise
+
+        return stream
+
+
+def _code(err: BaseException | None, context: Context) -> str:
+    if isinstance(err, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "OK" if err is None else grpc.StatusCode.UNKNOWN.name
+
+
+class MetricsInterceptor(WrappingInterceptor):
+    @staticmethod
+    def _record(method: str, started: float, err: BaseException | None, context: Context) -> None:
+        GRPC_REQUESTS.labels(method=method, code=_code(err, context)).inc()
+        GRPC_LATENCY.labels(method=method).observe(time.perf_counter() - started)
+
+    def wrap_unary(self, method: str, inner: Unary) -> Unary:
+        async def unary(request: Any, context: Context) -> Any:
+            started = time.perf_counter()
+            try:
+                response = await inner(request, context)
+            except BaseException as err:
+                self._record(method, started, err, context)
+                raise
+            self._record(method, started, None, context)
+            return response
+
+        return unary
+
+    def wrap_stream(self, method: str, inner: Stream) -> Stream:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except BaseException as err:
+                self._record(method, started, err, context)
+                raise
+            self._record(method, started, None, context)
+
+        return stream

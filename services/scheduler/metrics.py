@@ -1,0 +1,21 @@
+"""The scheduler's metrics. Counters move only after the batch that caused them committed."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOBS_FINISHED = Counter("jobstream_jobs_finished_total", "Jobs that reached a terminal state.", ["kind", "state"])
+JOB_DURATION = Histogram(
+    "jobstream_job_duration_seconds",
+    "From a job's start (split) to its terminal state.",
+    ["kind"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600),
+)
+CHUNK_RETRIES = Counter("jobstream_chunk_retries_total", "Failed chunk attempts that are run again.", ["kind"])
+DEAD_LETTERS = Counter(
+    "jobstream_chunk_dead_letters_total",
+    "Chunks that failed every attempt and went to the dead letter topic.",
+    ["kind"],
+)
+JOBS_RUNNING = Gauge("jobstream_jobs_running", "Running jobs owned by this scheduler.")
+JOBS_STALLED = Gauge("jobstream_jobs_stalled", "Running jobs owned by this scheduler with no event for 5 minutes.")
