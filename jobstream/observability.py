@@ -53,13 +53,14 @@ def watch_pool(pool: AsyncConnectionPool, registry: CollectorRegistry = REGISTRY
         registry.register(PoolCollector(pool))
 
 
-async def track_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 5.0) -> None:
+async def track_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 2.0) -> None:
     """Updates the lag gauge from the consumer's own view (highwater minus position)."""
     while True:
         totals: dict[str, int] = {}
         for tp in consumer.assignment():
+            totals.setdefault(tp.topic, 0)
             high = consumer.highwater(tp)
-            if high is None:
+            if high is None:  # nothing fetched from it yet
                 continue
             with contextlib.suppress(Exception):
                 position = await consumer.position(tp)

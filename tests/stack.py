@@ -31,6 +31,7 @@ class Stack:
     bootstrap: str = ""
     gateway_addr: str = ""
     services: dict[str, ChildProcess] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -50,11 +51,12 @@ class Stack:
         return env
 
     def start_service(self, name: str, module: str, **env: str) -> ChildProcess:
+        port = self.metrics_ports.setdefault(name, free_port())
         proc = ChildProcess(
             name,
             [sys.executable, "-m", module],
             log_path=self.root / "logs" / f"{name}.log",
-            env=self.service_env(**env),
+            env=self.service_env(JOBSTREAM_METRICS_PORT=str(port), **env),
             cwd=REPO,
         )
         proc.start()

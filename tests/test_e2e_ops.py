@@ -1,0 +1,91 @@
+"""What operators see: metrics, liveness and readiness on every service, gRPC health on the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import urllib.request
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobstream.v1 import jobstream_pb2 as pb
+from tests.helpers import submit, wait_for, watch_all
+from tests.stack import Stack
+
+if TYPE_CHECKING:
+    from tests.helpers import Client
+
+pytestmark = pytest.mark.e2e
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+async def _scrape(stack: Stack, service: str) -> str:
+    status, body = await asyncio.to_thread(_get, stack.metrics_ports[service], "/metrics")
+    assert status == 200
+    return body
+
+
+async def test_every_service_is_live_ready_and_exposes_metrics(stack: Stack, client: Client) -> None:
+    job = await submit(client, "demo.sleep", chunks=4, ms=10)
+    await watch_all(client, job.id)
+
+    for service in ("gateway", "scheduler", "worker-1"):
+        port = stack.metrics_ports[service]
+        assert await asyncio.to_thread(_get, port, "/livez") == (200, "ok\n")
+        assert await asyncio.to_thread(_get, port, "/readyz") == (200, "ready\n")
+        assert (await asyncio.to_thread(_get, port, "/nope"))[0] == 404
+
+    gateway = await _scrape(stack, "gateway")
+    assert 'jobstream_jobs_submitted_total{kind="demo.sleep"}' in gateway
+    assert 'jobstream_grpc_requests_total{code="OK",method="Submit"}' in gateway
+    assert "jobstream_event_latency_seconds_bucket" in gateway
+    assert 'jobstream_db_pool_connections{state="max"}' in gateway
+    scheduler = await _scrape(stack, "scheduler")
+    assert 'jobstream_jobs_finished_total{kind="demo.sleep",state="succeeded"}' in scheduler
+
+    async def lag_reported() -> bool:
+        return 'jobstream_kafka_consumer_lag{group="jobstream-scheduler",topic="jobs.progress"}' in await _scrape(
+            stack, "scheduler"
+        )
+
+    await wait_for(lag_reported, within=10, what="the scheduler to report its consumer lag")
+    worker = await _scrape(stack, "worker-1")
+    assert "jobstream_worker_concurrency 8.0" in worker
+
+
+async def test_grpc_errors_are_counted_by_code(stack: Stack, client: Client) -> None:
+    with pytest.raises(grpc.aio.AioRpcError):
+        await client.GetJob(pb.GetJobRequest(job_id="bad"))
+
+    gateway = await _scrape(stack, "gateway")
+    assert 'jobstream_grpc_requests_total{code="INVALID_ARGUMENT",method="GetJob"}' in gateway
+
+
+async def test_gateway_serves_grpc_health(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "jobstream.v1.JobService"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)")
+@pytest.mark.parametrize("service", ["gateway", "scheduler", "worker-1"])
+async def test_promtool_finds_nothing_wrong_with_the_metrics(stack: Stack, service: str) -> None:
+    body = await _scrape(stack, service)
+    result = await asyncio.to_thread(
+        subprocess.run, ["promtool", "check", "metrics"], input=body, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
+        result.stdout + result.stderr
+    )
