@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from jobstream.config import Settings
 
@@ -26,10 +26,11 @@ def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer
     )
 
 
-def make_group_consumer(settings: Settings, group: str, topics: Iterable[str]) -> AIOKafkaConsumer:
+def make_group_consumer(
+    settings: Settings, group: str, topics: Iterable[str], listener: ConsumerRebalanceListener | None = None
+) -> AIOKafkaConsumer:
     """A member of a consumer group that commits offsets itself, after the work is recorded."""
-    return AIOKafkaConsumer(
-        *[settings.topic(t) for t in topics],
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=settings.group(group),
         enable_auto_commit=False,
@@ -41,6 +42,8 @@ def make_group_consumer(settings: Settings, group: str, topics: Iterable[str]) -
         max_partition_fetch_bytes=8 * 1024 * 1024,
         client_id=f"jobstream-{settings.worker_id}",
     )
+    consumer.subscribe([settings.topic(t) for t in topics], listener=listener)
+    return consumer
 
 
 def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:

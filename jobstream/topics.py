@@ -1,10 +1,14 @@
-"""The Kafka topics, their partition counts, and creating them before anything produces.
+"""The Kafka topics, their partition counts, and creating (or re-creating) them.
 
 Job-keyed topics share one partition count so that a job's submitted, progress and control
 messages land on the same partition number, and the range assignor hands all three to the same
 scheduler: that scheduler owns the job. Brokers may not grow a topic later (the embedded one
 cannot), so counts are chosen up front and creation is explicit: producing to a missing topic
-would auto-create it with a default count.
+auto-creates it with the broker's default count, which is why a repair deletes and re-creates a
+topic whose count is wrong.
+
+A marker topic that nothing ever produces to tells a broker that came back empty (the embedded
+broker keeps nothing) from one that merely auto-created a topic.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ PROGRESS = "jobs.progress"
 CONTROL = "jobs.control"
 UPDATES = "jobs.updates"
 DEAD_LETTER = "jobs.deadletter"
+MARKER = "jobstream.marker"
 
 # Consumed by the scheduler group; every one keyed by job id.
 SCHEDULER_TOPICS = (SUBMITTED, PROGRESS, CONTROL)
@@ -44,6 +49,7 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic, the marker last: it exists only once all the others are right."""
     job = settings.job_partitions
     return [
         TopicSpec(settings.topic(SUBMITTED), job),
@@ -52,41 +58,75 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic(UPDATES), job),
         TopicSpec(settings.topic(DEAD_LETTER), job),
         TopicSpec(settings.topic(CHUNKS), settings.chunk_partitions),
+        TopicSpec(settings.topic(MARKER), 1),
     ]
 
 
-async def ensure_topics(settings: Settings, *, wait_s: float = 30.0) -> list[str]:
-    """Creates the missing topics; returns the names it created. Existing topics are left alone."""
+async def _admin(settings: Settings, wait_s: float) -> AIOKafkaAdminClient:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         try:
             await admin.start()
-            break
+            return admin
         except KafkaError:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    existing = set(await admin.list_topics())
+    present = [n for n in names if n in existing]
+    if not present:
+        return {}
+    described = await admin.describe_topics(present)
+    return {d["topic"]: len(d["partitions"]) for d in described if not d.get("error_code")}
+
+
+async def ensure_topics(settings: Settings, *, wait_s: float = 30.0) -> list[str]:
+    """Creates missing topics and re-creates any whose partition count is wrong; returns what it
+    (re-)created. Safe to run from several processes at once."""
+    admin = await _admin(settings, wait_s)
+    changed: list[str] = []
     try:
-        existing = set(await admin.list_topics())
-        wanted = [spec for spec in topic_specs(settings) if spec.name not in existing]
-        created: list[str] = []
-        for spec in wanted:
-            try:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            spec.name,
-                            num_partitions=spec.partitions,
-                            replication_factor=settings.replication_factor,
-                        )
-                    ]
-                )
-                created.append(spec.name)
-            except TopicAlreadyExistsError:
-                pass  # another replica created it first
-        if created:
-            log.info("created topics %s", ", ".join(created))
-        return created
+        for _ in range(10):
+            specs = topic_specs(settings)
+            counts = await _partition_counts(admin, [s.name for s in specs])
+            wrong = [s for s in specs if s.name in counts and counts[s.name] != s.partitions]
+            missing = [s for s in specs if s.name not in counts]
+            if not wrong and not missing:
+                return changed
+            if wrong:
+                log.warning("re-creating topics with a wrong partition count: %s", ", ".join(s.name for s in wrong))
+                await admin.delete_topics([s.name for s in wrong])
+            for spec in wrong + missing:
+                if spec.name == settings.topic(MARKER) and (len(wrong) + len(missing)) > 1:
+                    continue  # the marker goes last, once everything else is right
+                try:
+                    await admin.create_topics(
+                        [
+                            NewTopic(
+                                spec.name,
+                                num_partitions=spec.partitions,
+                                replication_factor=settings.replication_factor,
+                            )
+                        ]
+                    )
+                    changed.append(spec.name)
+                except TopicAlreadyExistsError:
+                    pass  # another replica created it first, or a producer auto-created it: checked again
+        raise RuntimeError("could not bring the topics to their partition counts after 10 rounds")
+    finally:
+        if changed:
+            log.info("created topics %s", ", ".join(changed))
+        await admin.close()
+
+
+async def broker_is_intact(settings: Settings) -> bool:
+    """False when the marker topic is gone: the broker lost its data."""
+    admin = await _admin(settings, 5.0)
+    try:
+        return settings.topic(MARKER) in set(await admin.list_topics())
     finally:
         await admin.close()

@@ -159,8 +159,6 @@ class _Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)
-        if self.ready:
-            _say("stopped")
         self.settings = dataclasses.replace(self.settings, database_url=self._database(), kafka_bootstrap=self._kafka())
         asyncio.run(apply_schema(self.settings.database_url))
         asyncio.run(ensure_topics(self.settings))
@@ -228,7 +226,7 @@ class _Stack:
     def _announce(self) -> None:
         target = _connect_address(self.settings.gateway_listen)
         print(
-            f"jobstream up: gateway {target}, {self.workers} workers, "
+            f"jobstream up: gateway {target}, {self.workers} worker{'' if self.workers == 1 else 's'}, "
             f"postgres {_redact(self.settings.database_url)}, kafka {self.settings.kafka_bootstrap} "
             f"(logs in {_shown(self.logs)}; Ctrl-C to stop)",
             flush=True,

@@ -17,6 +17,8 @@ CREATE TABLE jobs (
     partition            smallint NOT NULL,
     kind                 text NOT NULL,
     params               jsonb NOT NULL,
+    -- Per-job overrides of the kind's retry policy and chunk timeout (jobstream.v1.JobOptions).
+    options              jsonb NOT NULL DEFAULT '{}',
     idempotency_key      text,
     -- Hash of (kind, params, input): the same idempotency key with another request is refused.
     request_hash         bytea NOT NULL,
@@ -41,6 +43,7 @@ CREATE TABLE jobs (
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX jobs_tenant_newest ON jobs (tenant_id, created_at DESC, id DESC);
 CREATE INDEX jobs_unfinished ON jobs (partition, state) WHERE state IN (1, 2);
+CREATE INDEX jobs_deadlines ON jobs (deadline_at) WHERE deadline_at IS NOT NULL AND state IN (1, 2);
 
 -- Kept apart from jobs so listing and watching never read the (up to MiBs of) input.
 CREATE TABLE job_inputs (
@@ -52,8 +55,13 @@ CREATE TABLE chunks (
     job_id            uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     idx               integer NOT NULL,
     state             smallint NOT NULL DEFAULT 0,
-    -- The attempt currently dispatched (1-based); a worker may claim only that attempt.
+    -- The attempt currently dispatched (1-based); a worker may claim only that attempt. It grows on
+    -- every new dispatch (failure, lost worker, release), while `failures` alone counts against the
+    -- retry policy: losing a worker is not the chunk's fault.
     attempt           integer NOT NULL DEFAULT 1,
+    failures          integer NOT NULL DEFAULT 0,
+    -- How many times a worker claimed (started) this chunk: > 1 means it ran more than once.
+    claims            integer NOT NULL DEFAULT 0,
     payload           bytea NOT NULL,
     worker_id         text,
     claimed_at        timestamptz,
@@ -84,4 +92,12 @@ CREATE TABLE outbox (
     key         bytea,
     value       bytea NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Each time a scheduler finds the broker came back empty (the marker topic is gone) it recreates
+-- the topics and adds a row here; every scheduler that sees a new row re-dispatches its jobs.
+CREATE TABLE broker_epochs (
+    id           bigserial PRIMARY KEY,
+    detected_at  timestamptz NOT NULL DEFAULT now(),
+    detected_by  text NOT NULL
 );

@@ -60,7 +60,7 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     CHUNK_FAILED: _EventType.ValueType  # 4
     """a chunk attempt failed; chunk_index, attempt and error are set"""
     CHUNK_RETRYING: _EventType.ValueType  # 5
-    """a failed chunk is scheduled again"""
+    """a chunk runs again: after a failure, or because its worker was lost"""
     JOB_CANCEL_REQUESTED: _EventType.ValueType  # 6
     """reserved for an acknowledged cancel before the job ends"""
     JOB_SUCCEEDED: _EventType.ValueType  # 7
@@ -82,7 +82,7 @@ JOB_PROGRESS: EventType.ValueType  # 3
 CHUNK_FAILED: EventType.ValueType  # 4
 """a chunk attempt failed; chunk_index, attempt and error are set"""
 CHUNK_RETRYING: EventType.ValueType  # 5
-"""a failed chunk is scheduled again"""
+"""a chunk runs again: after a failure, or because its worker was lost"""
 JOB_CANCEL_REQUESTED: EventType.ValueType  # 6
 """reserved for an acknowledged cancel before the job ends"""
 JOB_SUCCEEDED: EventType.ValueType  # 7
@@ -101,12 +101,17 @@ class SubmitRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     input: _builtins.bytes
     idempotency_key: _builtins.str
     """Submits with the same key return the same job instead of creating another."""
     @_builtins.property
     def params(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def options(self) -> Global___JobOptions:
+        """Overrides of the kind's defaults for this job; unset fields keep the kind's values."""
+
     def __init__(
         self,
         *,
@@ -114,14 +119,74 @@ class SubmitRequest(_message.Message):
         params: _struct_pb2.Struct | None = ...,
         input: _builtins.bytes = ...,
         idempotency_key: _builtins.str = ...,
+        options: Global___JobOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input", b"input", "kind", b"kind", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input", b"input", "kind", b"kind", "options", b"options", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
+
+@_typing.final
+class JobOptions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETRY_FIELD_NUMBER: _builtins.int
+    CHUNK_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    chunk_timeout_seconds: _builtins.float
+    """A chunk attempt running longer than this fails (and may be retried). 0 = the kind's default."""
+    deadline_seconds: _builtins.float
+    """The job must finish within this many seconds of Submit, or it ends FAILED. 0 = no deadline."""
+    @_builtins.property
+    def retry(self) -> Global___RetryPolicy: ...
+    def __init__(
+        self,
+        *,
+        retry: Global___RetryPolicy | None = ...,
+        chunk_timeout_seconds: _builtins.float = ...,
+        deadline_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_timeout_seconds", b"chunk_timeout_seconds", "deadline_seconds", b"deadline_seconds", "retry", b"retry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobOptions: _TypeAlias = JobOptions  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """Exponential backoff with full jitter between the attempts of a failed chunk."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_SECONDS_FIELD_NUMBER: _builtins.int
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """0 = the kind's default; 1 = no retry"""
+    initial_backoff_seconds: _builtins.float
+    max_backoff_seconds: _builtins.float
+    backoff_multiplier: _builtins.float
+    def __init__(
+        self,
+        *,
+        max_attempts: _builtins.int = ...,
+        initial_backoff_seconds: _builtins.float = ...,
+        max_backoff_seconds: _builtins.float = ...,
+        backoff_multiplier: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff_seconds", b"initial_backoff_seconds", "max_attempts", b"max_attempts", "max_backoff_seconds", b"max_backoff_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
 @_typing.final
 class SubmitResponse(_message.Message):
@@ -193,6 +258,8 @@ class Job(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     state: Global___JobState.ValueType
@@ -212,6 +279,10 @@ class Job(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def params(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def options(self) -> Global___JobOptions: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -227,10 +298,12 @@ class Job(_message.Message):
         last_seq: _builtins.int = ...,
         params: _struct_pb2.Struct | None = ...,
         cancel_requested: _builtins.bool = ...,
+        options: Global___JobOptions | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "params", b"params", "progress", b"progress", "result", b"result", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "finished_at", b"finished_at", "options", b"options", "params", b"params", "progress", b"progress", "result", b"result", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "last_seq", b"last_seq", "params", b"params", "progress", b"progress", "result", b"result", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline", b"deadline", "error", b"error", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "last_seq", b"last_seq", "options", b"options", "params", b"params", "progress", b"progress", "result", b"result", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

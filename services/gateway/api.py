@@ -10,6 +10,7 @@ from google.protobuf import json_format
 
 from jobstream.config import Settings
 from jobstream.errors import InvalidArgument, ResourceExhausted
+from jobstream.job_options import options_from_proto
 from jobstream.kinds import get_kind
 from jobstream.states import JobState
 from jobstream.v1 import jobstream_pb2 as pb
@@ -65,7 +66,8 @@ class JobService(pb_grpc.JobServiceServicer):
                 f"the job would have {chunks} chunks; at most {self._settings.max_chunks_per_job} are allowed",
                 field="params",
             )
-        return NewJob(tenant_id, request.kind, params, request.input, request.idempotency_key)
+        options = options_from_proto(request.options)
+        return NewJob(tenant_id, request.kind, params, request.input, request.idempotency_key, options)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
         row = await self._store.get(self._tenant(context), parse_job_id(request.job_id))

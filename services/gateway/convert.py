@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from jobstream.events import timestamp, to_struct
+from jobstream.job_options import options_to_proto
 from jobstream.progress import ProgressTracker
 from jobstream.v1 import jobstream_pb2 as pb
 
@@ -30,11 +31,17 @@ def job_to_proto(row: dict[str, Any]) -> pb.Job:
         last_seq=row["last_seq"],
         params=to_struct(row["params"]),
         cancel_requested=row["cancel_requested_at"] is not None,
+        options=options_to_proto(row["options"]),
     )
     if row["result"] is not None:
         job.result.CopyFrom(to_struct(row["result"]))
-    for name in ("created_at", "started_at", "finished_at"):
-        ts = timestamp(row[name])
+    for field, column in (
+        ("created_at", "created_at"),
+        ("started_at", "started_at"),
+        ("finished_at", "finished_at"),
+        ("deadline", "deadline_at"),
+    ):
+        ts = timestamp(row[column])
         if ts is not None:
-            getattr(job, name).CopyFrom(ts)
+            getattr(job, field).CopyFrom(ts)
     return job

@@ -27,8 +27,8 @@ from jobstream.topics import partition_of
 from jobstream.v1 import jobstream_pb2 as pb
 
 JOB_COLUMNS = (
-    "id, tenant_id, kind, params, state, total_chunks, done_chunks, failed_chunks, progress_message,"
-    " result, error, last_seq, cancel_requested_at, created_at, started_at, finished_at"
+    "id, tenant_id, kind, params, options, deadline_at, state, total_chunks, done_chunks, failed_chunks,"
+    " progress_message, result, error, last_seq, cancel_requested_at, created_at, started_at, finished_at"
 )
 JobRow = dict[str, Any]
 
@@ -40,13 +40,13 @@ class NewJob:
     params: dict[str, Any]
     data: bytes
     idempotency_key: str
+    options: dict[str, Any]
 
     def request_hash(self) -> bytes:
         digest = hashlib.sha256()
-        digest.update(self.kind.encode())
-        digest.update(b"\0")
-        digest.update(dumps(self.params).encode())
-        digest.update(b"\0")
+        for part in (self.kind, dumps(self.params), dumps(self.options)):
+            digest.update(part.encode())
+            digest.update(b"\0")
         digest.update(self.data)
         return digest.digest()
 
@@ -88,8 +88,9 @@ class JobStore:
             conn.cursor(row_factory=dict_row) as cur,
         ):
             await cur.execute(
-                "INSERT INTO jobs (id, tenant_id, partition, kind, params, idempotency_key, request_hash,"
-                " state, last_seq) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1)"
+                "INSERT INTO jobs (id, tenant_id, partition, kind, params, options, deadline_at,"
+                " idempotency_key, request_hash, state, last_seq)"
+                " VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s, %s, %s, 1)"
                 " ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
                 f" RETURNING {JOB_COLUMNS}",
                 (
@@ -98,6 +99,8 @@ class JobStore:
                     partition_of(str(job_id), self._partitions),
                     job.kind,
                     json.dumps(job.params),
+                    json.dumps(job.options),
+                    job.options.get("deadline_seconds"),
                     key,
                     request_hash,
                     JobState.QUEUED,

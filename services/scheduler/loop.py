@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import defaultdict
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from psycopg_pool import AsyncConnectionPool
 
@@ -24,11 +24,33 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
+from services.scheduler.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000
 MAX_IDLE_WAIT_MS = 200
+SWEEP_SECONDS = 1.0
+BROKER_CHECK_SECONDS = 2.0
+# Jobs brought in line per transaction when a scheduler takes over partitions.
+RECONCILE_BATCH = 200
+
+
+class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Remembers which job partitions were just assigned, so their jobs are reconciled."""
+
+    def __init__(self, submitted_topic: str) -> None:
+        self._topic = submitted_topic
+        self.newly_assigned: set[int] = set()
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        partitions = {tp.partition for tp in assigned if tp.topic == self._topic}
+        if partitions:
+            log.info("owning job partitions %s", sorted(partitions))
+        self.newly_assigned |= partitions
 
 
 class Scheduler:
@@ -38,8 +60,13 @@ class Scheduler:
         pool: AsyncConnectionPool,
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
+        ownership: Ownership,
     ) -> None:
         self._settings = settings
+        self._ownership = ownership
+        self._reconciler = Reconciler(settings, pool)
+        self._next_sweep = 0.0
+        self._next_broker_check = 0.0
         self._pool = pool
         self._consumer = consumer
         self._producer = producer
@@ -53,6 +80,7 @@ class Scheduler:
             records = [r for rs in batch.values() for r in rs]
             work = self._collect(records)
             self._add_due(work)
+            await self._add_reconciled(work)
             if work:
                 await self._process(work)
             if records:
@@ -104,6 +132,32 @@ class Scheduler:
         while self._retries and self._retries[0][0] <= now:
             _, job_id, idx, attempt = heapq.heappop(self._retries)
             work[job_id].retries.append((idx, attempt))
+
+    async def _add_reconciled(self, work: dict[uuid.UUID, JobWork]) -> None:
+        """Adds what Postgres says is due: taken-over jobs, expired leases, deadlines, lost cancels."""
+        now = time.monotonic()
+        if now >= self._next_broker_check:
+            self._next_broker_check = now + BROKER_CHECK_SECONDS
+            try:
+                if await self._reconciler.broker_wiped():
+                    self._ownership.newly_assigned |= set(self.owned_partitions())
+            except Exception as err:
+                log.warning("checking the broker failed: %s", err)
+        if self._ownership.newly_assigned:
+            partitions = sorted(self._ownership.newly_assigned)
+            self._ownership.newly_assigned.clear()
+            job_ids = await self._reconciler.unfinished_jobs(partitions)
+            log.info("reconciling %d unfinished jobs on partitions %s", len(job_ids), partitions)
+            for start in range(0, len(job_ids), RECONCILE_BATCH):
+                await self._process({j: JobWork(reconcile=True) for j in job_ids[start : start + RECONCILE_BATCH]})
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_SECONDS
+            for job_id, found in (await self._reconciler.sweep(self.owned_partitions())).items():
+                into = work[job_id]
+                into.expired += found.expired
+                into.deadline |= found.deadline
+                if found.cancel_reason is not None and into.cancel_reason is None:
+                    into.cancel_reason = found.cancel_reason
 
     async def _process(self, work: dict[uuid.UUID, JobWork]) -> None:
         out = Outbound()

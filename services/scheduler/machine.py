@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobstream.bus.v1 import bus_pb2
 from jobstream.events import dumps, now_timestamp, to_struct
+from jobstream.job_options import chunk_timeout_s, retry_policy
 from jobstream.kinds import JobKind, get_kind
 from jobstream.progress import ProgressTracker
 from jobstream.states import JobState
@@ -37,6 +38,10 @@ class JobWork:
     reports: list[bus_pb2.ChunkReport] = field(default_factory=list)
     retries: list[tuple[int, int]] = field(default_factory=list)  # (idx, attempt) now due
     flush_progress: bool = False
+    # From the reconciler: bring the job in line with Postgres after a crash, rebalance or wipe.
+    reconcile: bool = False
+    expired: list[tuple[int, int, str]] = field(default_factory=list)  # (idx, attempt, worker) lease lost
+    deadline: bool = False
 
 
 @dataclass
@@ -66,12 +71,18 @@ class JobMachine:
     async def apply(self, conn: Conn, job: JobRow, work: JobWork, out: Outbound) -> None:
         tracker = self._tracker(job)
         dirty = work.flush_progress
+        if work.reconcile:
+            await self._reconcile(conn, job, out)
         if work.submitted:
             await self._start(conn, job, out)
         if work.reports:
             dirty |= await self._reports(conn, job, work.reports, out)
+        for idx, attempt, worker in work.expired:
+            await self._requeue(conn, job, idx, attempt, out, f"worker {worker or '?'} was lost (lease expired)")
         if work.retries and job.state == JobState.RUNNING:
             await self._dispatch(conn, job, out, only=work.retries)
+        if work.deadline and not JobState(job.state).terminal:
+            await self._end(conn, job, JobState.FAILED, out, error="the job's deadline passed before it finished")
         if work.cancel_reason is not None and not JobState(job.state).terminal:
             await self._end(conn, job, JobState.CANCELLED, out, message=work.cancel_reason or "cancelled")
         if job.state == JobState.RUNNING and job.done_chunks + job.failed_chunks >= job.total_chunks:
@@ -113,6 +124,17 @@ class JobMachine:
         out.events.append(event)
         return event
 
+    async def _reconcile(self, conn: Conn, job: JobRow, out: Outbound) -> None:
+        """Postgres says what must happen next; Kafka may have lost any message about it."""
+        if JobState(job.state).terminal:
+            return
+        if job.cancel_requested:
+            await self._end(conn, job, JobState.CANCELLED, out, message="cancelled")
+        elif job.state == JobState.QUEUED:
+            await self._start(conn, job, out)
+        else:
+            await self._dispatch(conn, job, out, schedule_later=out)
+
     async def _start(self, conn: Conn, job: JobRow, out: Outbound) -> None:
         if job.state == JobState.RUNNING:
             # A redelivered submit: the split is stored, but its dispatch may not have gone out.
@@ -137,18 +159,45 @@ class JobMachine:
         self._event(job, out, pb.JOB_STARTED, message=f"split into {len(payloads)} chunks")
         self._last_emit[job.id] = time.monotonic()
         params = dumps(job.params).encode()
-        timeout_ms = int((kind.chunk_timeout_s or 0) * 1000)
+        timeout_ms = _timeout_ms(kind, job)
         for idx, payload in enumerate(payloads):
             out.tasks.append(_task(job, kind, idx, 1, payload, params, timeout_ms))
 
     async def _dispatch(
-        self, conn: Conn, job: JobRow, out: Outbound, only: list[tuple[int, int]] | None = None
+        self,
+        conn: Conn,
+        job: JobRow,
+        out: Outbound,
+        only: list[tuple[int, int]] | None = None,
+        schedule_later: Outbound | None = None,
     ) -> None:
+        """Publishes the job's pending chunks that are due (or just `only`).
+
+        With `schedule_later`, pending chunks still waiting out a retry backoff get a timer, for a
+        scheduler that took the job over and never saw the failures that set those timers.
+        """
         kind = get_kind(job.kind)
         params = dumps(job.params).encode()
-        timeout_ms = int((kind.chunk_timeout_s or 0) * 1000)
-        for idx, attempt, payload in await store.pending_chunks(conn, job.id, only):
+        timeout_ms = _timeout_ms(kind, job)
+        due, later = await store.pending_chunks(conn, job.id, only)
+        for idx, attempt, payload in due:
             out.tasks.append(_task(job, kind, idx, attempt, payload, params, timeout_ms))
+        if schedule_later is not None:
+            now = time.monotonic()
+            for idx, attempt, wait_s in later:
+                schedule_later.retry_at.append((now + wait_s, job.id, idx, attempt))
+
+    async def _requeue(self, conn: Conn, job: JobRow, idx: int, attempt: int, out: Outbound, reason: str) -> None:
+        """Runs a chunk again whose worker is gone or gave it back; not a failure of the chunk."""
+        if JobState(job.state).terminal:
+            await store.mark_cancelled(conn, job.id, [idx])
+            return
+        next_attempt = await store.requeue(conn, job.id, idx, attempt)
+        if next_attempt is None:
+            return  # it finished, or was already run again
+        self._tracker(job).chunk_finished(idx)
+        self._event(job, out, pb.CHUNK_RETRYING, chunk_index=idx, attempt=next_attempt, message=reason)
+        await self._dispatch(conn, job, out, only=[(idx, next_attempt)])
 
     async def _reports(self, conn: Conn, job: JobRow, reports: list[bus_pb2.ChunkReport], out: Outbound) -> bool:
         """Applies workers' reports; returns whether progress changed."""
@@ -175,6 +224,9 @@ class JobMachine:
                 changed |= await self._chunk_failed(conn, job, report, out)
             elif report.type == bus_pb2.CHUNK_CANCELLED:
                 await store.mark_cancelled(conn, job.id, [report.chunk_index])
+            elif report.type == bus_pb2.CHUNK_RELEASED:
+                reason = f"worker {report.worker_id} stopped and gave the chunk back"
+                await self._requeue(conn, job, report.chunk_index, report.attempt, out, reason)
             if JobState(job.state).terminal:
                 return False
         if successes:
@@ -188,14 +240,16 @@ class JobMachine:
 
     async def _chunk_failed(self, conn: Conn, job: JobRow, report: bus_pb2.ChunkReport, out: Outbound) -> bool:
         idx, attempt = report.chunk_index, report.attempt
-        if not await store.running_attempt(conn, job.id, idx, attempt):
+        failures = await store.running_failures(conn, job.id, idx, attempt)
+        if failures is None:
             return False  # a stale attempt, or the chunk already finished
-        kind = get_kind(job.kind)
+        failures += 1
+        policy = retry_policy(get_kind(job.kind), job.options)
         self._tracker(job).chunk_finished(idx)
         error = f"chunk {idx} attempt {attempt}: {report.error}"
         self._event(job, out, pb.CHUNK_FAILED, chunk_index=idx, attempt=attempt, error=report.error)
-        if not report.permanent and kind.retry.should_retry(attempt):
-            delay = kind.retry.delay(attempt)
+        if not report.permanent and policy.should_retry(failures):
+            delay = policy.delay(failures)
             next_attempt = await store.retry_chunk(conn, job.id, idx, report.error, delay)
             self._event(
                 job,
@@ -213,8 +267,9 @@ class JobMachine:
         out.dead.append(job.kind)
         job.failed_chunks += 1
         job.changed = True
-        if not kind.allow_partial:
-            await self._end(conn, job, JobState.FAILED, out, error=f"{error} (no attempts left)")
+        if not get_kind(job.kind).allow_partial:
+            left = "it cannot succeed" if report.permanent else f"{failures} failed attempts, no retry left"
+            await self._end(conn, job, JobState.FAILED, out, error=f"{error} ({left})")
         return True
 
     async def _succeed(self, conn: Conn, job: JobRow, out: Outbound) -> None:
@@ -259,6 +314,10 @@ class JobMachine:
             self.progress_due.pop(job.id, None)
         else:
             self.progress_due.setdefault(job.id, last + self._interval)
+
+
+def _timeout_ms(kind: JobKind, job: JobRow) -> int:
+    return int((chunk_timeout_s(kind, job.options) or 0) * 1000)
 
 
 def _task(

@@ -11,7 +11,7 @@ from jobstream.config import Settings
 from jobstream.db import open_pool
 from jobstream.kafka import make_group_consumer, make_producer
 from jobstream.observability import OpsServer, combine, kafka_ready, postgres_ready, track_lag, watch_pool
-from services.scheduler.loop import Scheduler
+from services.scheduler.loop import Ownership, Scheduler
 
 log = logging.getLogger("scheduler")
 
@@ -20,10 +20,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     pool = await open_pool(settings, name="scheduler", min_size=2)
     producer = make_producer(settings)
     await producer.start()
-    consumer = make_group_consumer(settings, "scheduler", topics.SCHEDULER_TOPICS)
+    ownership = Ownership(settings.topic(topics.SUBMITTED))
+    consumer = make_group_consumer(settings, "scheduler", topics.SCHEDULER_TOPICS, ownership)
     await consumer.start()
     log.info("scheduler started")
-    scheduler = Scheduler(settings, pool, consumer, producer)
+    scheduler = Scheduler(settings, pool, consumer, producer, ownership)
     watch_pool(pool)
     ops = OpsServer(settings.metrics_port, combine(lambda: postgres_ready(pool), lambda: kafka_ready(consumer)))
     await ops.start()

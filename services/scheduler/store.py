@@ -27,6 +27,7 @@ class JobRow:
     tenant_id: str
     kind: str
     params: dict[str, Any]
+    options: dict[str, Any]
     state: int
     total_chunks: int
     done_chunks: int
@@ -45,7 +46,7 @@ async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> list[JobRow]:
     """Locks the rows in id order, so two transactions never wait on each other in a cycle."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "SELECT id, tenant_id, kind, params, state, total_chunks, done_chunks, failed_chunks,"
+            "SELECT id, tenant_id, kind, params, options, state, total_chunks, done_chunks, failed_chunks,"
             " progress_message, last_seq, cancel_requested_at IS NOT NULL AS cancel_requested,"
             " extract(epoch FROM started_at)::float8 AS started_at"
             " FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
@@ -107,26 +108,34 @@ async def insert_chunks(conn: Conn, job_id: uuid.UUID, payloads: Sequence[bytes]
 
 async def pending_chunks(
     conn: Conn, job_id: uuid.UUID, only: Sequence[tuple[int, int]] | None = None
-) -> list[tuple[int, int, bytes]]:
-    """(idx, attempt, payload) of the job's chunks waiting for a worker and due now.
+) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, int, float]]]:
+    """The job's chunks waiting for a worker: (idx, attempt, payload) due now, and
+    (idx, attempt, seconds to wait) of those still in a retry backoff.
 
     With `only`, just those (idx, attempt) pairs, and only if still pending at that attempt: a retry
     that a cancel or an earlier success overtook is not dispatched.
     """
     if only is None:
         cur = await conn.execute(
-            "SELECT idx, attempt, payload FROM chunks WHERE job_id = %s AND state = %s"
-            " AND (not_before IS NULL OR not_before <= now()) ORDER BY idx",
+            "SELECT idx, attempt, payload, greatest(0, extract(epoch FROM not_before - now()))::float8"
+            " FROM chunks WHERE job_id = %s AND state = %s ORDER BY idx",
             (job_id, ChunkState.PENDING),
         )
     else:
         cur = await conn.execute(
-            "SELECT c.idx, c.attempt, c.payload FROM chunks c"
+            "SELECT c.idx, c.attempt, c.payload, 0::float8 FROM chunks c"
             " JOIN unnest(%s::int[], %s::int[]) AS t(idx, attempt) ON c.idx = t.idx AND c.attempt = t.attempt"
             " WHERE c.job_id = %s AND c.state = %s ORDER BY c.idx",
             ([i for i, _ in only], [a for _, a in only], job_id, ChunkState.PENDING),
         )
-    return [(idx, attempt, bytes(payload)) for idx, attempt, payload in await cur.fetchall()]
+    due: list[tuple[int, int, bytes]] = []
+    later: list[tuple[int, int, float]] = []
+    for idx, attempt, payload, wait_s in await cur.fetchall():
+        if wait_s and wait_s > 0:
+            later.append((idx, attempt, wait_s))
+        else:
+            due.append((idx, attempt, bytes(payload)))
+    return due, later
 
 
 async def record_successes(conn: Conn, job_id: uuid.UUID, results: Sequence[tuple[int, str]]) -> list[int]:
@@ -152,19 +161,21 @@ async def record_successes(conn: Conn, job_id: uuid.UUID, results: Sequence[tupl
     return [row[0] for row in await cur.fetchall()]
 
 
-async def running_attempt(conn: Conn, job_id: uuid.UUID, idx: int, attempt: int) -> bool:
-    """Whether the chunk is running at exactly this attempt (a stale attempt's failure is ignored)."""
+async def running_failures(conn: Conn, job_id: uuid.UUID, idx: int, attempt: int) -> int | None:
+    """The chunk's failures so far if it is running at exactly this attempt, else None (a stale
+    attempt's failure, or one for a chunk that already finished, is ignored)."""
     cur = await conn.execute(
-        "SELECT 1 FROM chunks WHERE job_id = %s AND idx = %s AND attempt = %s AND state = %s",
+        "SELECT failures FROM chunks WHERE job_id = %s AND idx = %s AND attempt = %s AND state = %s",
         (job_id, idx, attempt, ChunkState.RUNNING),
     )
-    return await cur.fetchone() is not None
+    row = await cur.fetchone()
+    return None if row is None else int(row[0])
 
 
 async def retry_chunk(conn: Conn, job_id: uuid.UUID, idx: int, error: str, delay_s: float) -> int:
     cur = await conn.execute(
-        "UPDATE chunks SET state = %s, attempt = attempt + 1, error = %s, worker_id = NULL,"
-        " lease_expires_at = NULL, not_before = now() + make_interval(secs => %s)"
+        "UPDATE chunks SET state = %s, attempt = attempt + 1, failures = failures + 1, error = %s,"
+        " worker_id = NULL, lease_expires_at = NULL, not_before = now() + make_interval(secs => %s)"
         " WHERE job_id = %s AND idx = %s RETURNING attempt",
         (ChunkState.PENDING, error, delay_s, job_id, idx),
     )
@@ -173,10 +184,21 @@ async def retry_chunk(conn: Conn, job_id: uuid.UUID, idx: int, error: str, delay
     return int(row[0])
 
 
+async def requeue(conn: Conn, job_id: uuid.UUID, idx: int, attempt: int) -> int | None:
+    """Makes a running attempt pending again as the next attempt; None if it is not running it."""
+    cur = await conn.execute(
+        "UPDATE chunks SET state = %s, attempt = attempt + 1, worker_id = NULL, lease_expires_at = NULL,"
+        " not_before = NULL WHERE job_id = %s AND idx = %s AND attempt = %s AND state = %s RETURNING attempt",
+        (ChunkState.PENDING, job_id, idx, attempt, ChunkState.RUNNING),
+    )
+    row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
 async def fail_chunk(conn: Conn, job_id: uuid.UUID, idx: int, error: str) -> None:
     await conn.execute(
-        "UPDATE chunks SET state = %s, error = %s, finished_at = now(), lease_expires_at = NULL"
-        " WHERE job_id = %s AND idx = %s",
+        "UPDATE chunks SET state = %s, failures = failures + 1, error = %s, finished_at = now(),"
+        " lease_expires_at = NULL WHERE job_id = %s AND idx = %s",
         (ChunkState.FAILED, error, job_id, idx),
     )
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream.bus.v1 import bus_pb2
-from jobstream.states import ChunkState
+from jobstream.states import ChunkState, JobState
 
 ChunkKey = tuple[str, int]
 
@@ -27,7 +27,7 @@ async def claim(
         return set()
     async with pool.connection() as conn:
         cur = await conn.execute(
-            "UPDATE chunks c SET state = %s, worker_id = %s, claimed_at = now(),"
+            "UPDATE chunks c SET state = %s, worker_id = %s, claimed_at = now(), claims = claims + 1,"
             " lease_expires_at = now() + make_interval(secs => %s)"
             " FROM unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
             " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt AND c.state = %s"
@@ -45,21 +45,32 @@ async def claim(
         return {(str(job_id), idx) for job_id, idx in await cur.fetchall()}
 
 
-async def heartbeat(pool: AsyncConnectionPool, held: Sequence[ChunkKey], worker_id: str, lease_s: float) -> int:
-    """Extends the leases this worker still holds; returns how many it extended."""
+async def heartbeat(
+    pool: AsyncConnectionPool, held: Sequence[ChunkKey], worker_id: str, lease_s: float
+) -> tuple[set[ChunkKey], set[str]]:
+    """Extends the leases this worker still holds.
+
+    Returns the chunks whose lease it still holds, and the jobs among them whose cancel was
+    recorded: a worker that missed a cancel message, or whose lease was taken over after a long
+    pause, learns it here and stops those chunks.
+    """
     if not held:
-        return 0
+        return set(), set()
     async with pool.connection() as conn:
         cur = await conn.execute(
             "UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => %s)"
-            " FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, idx)"
-            " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.worker_id = %s AND c.state = %s",
+            " FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, idx), jobs j"
+            " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.worker_id = %s AND c.state = %s AND j.id = c.job_id"
+            " RETURNING c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s)",
             (
                 lease_s,
                 [uuid.UUID(j) for j, _ in held],
                 [i for _, i in held],
                 worker_id,
                 ChunkState.RUNNING,
+                JobState.QUEUED,
+                JobState.RUNNING,
             ),
         )
-        return cur.rowcount
+        rows = await cur.fetchall()
+    return {(str(j), i) for j, i, _ in rows}, {str(j) for j, _, stop in rows if stop}

@@ -62,6 +62,11 @@ class ChunkRun:
         if self.asyncio_task is not None:
             self.asyncio_task.cancel()
 
+    def abandon(self) -> None:
+        """Stop without reporting an outcome: the worker is leaving, or lost the lease."""
+        if self.asyncio_task is not None:
+            self.asyncio_task.cancel()
+
     async def report(self, fraction: float, message: str = "") -> None:
         now = time.monotonic()
         if now - self._last_progress < PROGRESS_EVERY_SECONDS:
@@ -133,5 +138,6 @@ class ChunkRun:
         log.info("job %s chunk %d attempt %d failed: %s", self.job_id, self.chunk_index, self.attempt, error)
         await self._send(bus_pb2.CHUNK_FAILED, error=error, permanent=permanent)
 
-    async def fail_stopped(self, reason: str) -> None:
-        await self._fail(reason)
+    async def release(self) -> None:
+        """Hands the chunk back so another worker runs it at once; it does not count as a failure."""
+        await self._send(bus_pb2.CHUNK_RELEASED, message="worker stopping")

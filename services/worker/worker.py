@@ -136,20 +136,33 @@ class Worker:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             held = list(self._running)
             try:
-                await claims.heartbeat(self._pool, held, self._settings.worker_id, self._settings.lease_seconds)
+                still, stopped_jobs = await claims.heartbeat(
+                    self._pool, held, self._settings.worker_id, self._settings.lease_seconds
+                )
             except Exception as err:  # a missed beat is survivable; the lease outlasts several
                 log.warning("heartbeat for %d chunks failed: %s", len(held), err)
+                continue
+            for job_id in stopped_jobs:
+                self._cancelled.setdefault(job_id, time.monotonic())
+                self.cancel_job(job_id)
+            for key in held:
+                run = self._running.get(key)
+                if key not in still and run is not None:
+                    # The lease went to another attempt (this worker stalled past it): stop, report nothing.
+                    log.warning("job %s chunk %d: lease lost, stopping this attempt", run.job_id, run.chunk_index)
+                    run.abandon()
 
     async def _drain(self) -> None:
-        """Lets running chunks finish within the drain time, then stops and reports the rest."""
+        """Lets running chunks finish within the drain time, then gives the rest back to run elsewhere."""
         if self._running:
             log.info("draining %d running chunks (up to %.0fs)", len(self._running), self._settings.drain_seconds)
             pending = [r.asyncio_task for r in self._running.values() if r.asyncio_task]
             await asyncio.wait(pending, timeout=self._settings.drain_seconds)
         for run in list(self._running.values()):
+            run.abandon()
             if run.asyncio_task is not None:
-                run.asyncio_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await run.asyncio_task
-            await run.fail_stopped("the worker stopped before the chunk finished")
+            log.info("job %s chunk %d attempt %d: handed back", run.job_id, run.chunk_index, run.attempt)
+            await run.release()
         await self._producer.flush()

@@ -32,6 +32,8 @@ class _ReportTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReportType
     CHUNK_SUCCEEDED: _ReportType.ValueType  # 2
     CHUNK_FAILED: _ReportType.ValueType  # 3
     CHUNK_CANCELLED: _ReportType.ValueType  # 4
+    CHUNK_RELEASED: _ReportType.ValueType  # 5
+    """the worker stopped before finishing it (draining): run it elsewhere, no failure"""
 
 class ReportType(_ReportType, metaclass=_ReportTypeEnumTypeWrapper): ...
 
@@ -40,6 +42,8 @@ CHUNK_PROGRESS: ReportType.ValueType  # 1
 CHUNK_SUCCEEDED: ReportType.ValueType  # 2
 CHUNK_FAILED: ReportType.ValueType  # 3
 CHUNK_CANCELLED: ReportType.ValueType  # 4
+CHUNK_RELEASED: ReportType.ValueType  # 5
+"""the worker stopped before finishing it (draining): run it elsewhere, no failure"""
 Global___ReportType: _TypeAlias = ReportType  # noqa: Y015
 
 class _ControlType:
