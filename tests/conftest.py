@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,19 +26,27 @@ def stack_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")
 
 
-@pytest.fixture(scope="session")
-async def stack(stack_root: Path) -> AsyncIterator[Stack]:
-    """One real stack for the session: Postgres, broker, scheduler, gateway and 3 workers."""
+@contextlib.asynccontextmanager
+async def running_stack(root: Path, workers: int, **env: str) -> AsyncIterator[Stack]:
+    """A real stack: Postgres, broker, scheduler, gateway and workers, stopped on exit."""
     stack = Stack(
-        root=stack_root,
-        postgres=EmbeddedPostgres(stack_root / "postgres", durable=False),
-        broker=EmbeddedBroker(stack_root / "broker"),
+        root=root,
+        postgres=EmbeddedPostgres(root / "postgres", durable=False),
+        broker=EmbeddedBroker(root / "broker"),
+        env_overrides=env,
     )
     try:
-        await stack.start(workers=WORKERS)
+        await stack.start(workers=workers)
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+async def stack(stack_root: Path) -> AsyncIterator[Stack]:
+    """The stack most tests share; tests that kill processes start their own."""
+    async with running_stack(stack_root, WORKERS) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session")

@@ -197,7 +197,8 @@ class Scheduler:
         topic = self._settings.topic
         messages: list[tuple[str, bytes, bytes]] = []
         messages += [
-            (topic(topics.CHUNKS), f"{t.job_id}/{t.chunk_index}".encode(), t.SerializeToString()) for t in out.tasks
+            (topic(topics.CHUNKS), f"{t.job_id}/{t.chunk_index}/{t.attempt}".encode(), t.SerializeToString())
+            for t in out.tasks
         ]
         messages += [(topic(topics.UPDATES), e.job_id.encode(), e.SerializeToString()) for e in out.events]
         messages += [(topic(topics.CONTROL), c.job_id.encode(), c.SerializeToString()) for c in out.controls]
