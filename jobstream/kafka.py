@@ -7,11 +7,18 @@ producer may deliver twice.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from jobstream.config import Settings
+
+log = logging.getLogger(__name__)
+
+PARTITION_CHECK_SECONDS = 5.0
 
 
 def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
@@ -52,6 +59,9 @@ def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=None,
         enable_auto_commit=False,
+        # Only reached when a position falls off the log: after a broker came back empty, all of
+        # the re-created topic is new.
+        auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
         max_partition_fetch_bytes=8 * 1024 * 1024,
         client_id=f"jobstream-{settings.worker_id}",
@@ -59,15 +69,41 @@ def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:
 
 
 async def assign_all_from_end(consumer: AIOKafkaConsumer, topic: str) -> None:
-    """Reads every partition of a topic from now on.
+    """Reads every partition of a topic from now on, waiting for the topic to exist.
 
     The embedded broker may report an end offset before the true end (when the newest batch held
     several records), so a few old records can come again: readers must dedupe (by seq, by job id).
     """
-    partitions = consumer.partitions_for_topic(topic)
-    if partitions is None:
-        await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = await _wait_partitions(consumer, topic)
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
+
+
+async def follow_partition_changes(consumer: AIOKafkaConsumer, topic: str) -> None:
+    """Re-assigns when the topic's partitions change (a broker that came back empty re-creates
+    its topics), reading new partitions from their start: everything on them is new."""
+    while True:
+        await asyncio.sleep(PARTITION_CHECK_SECONDS)
+        try:
+            tps = await _wait_partitions(consumer, topic)
+        except KafkaError as err:
+            log.warning("checking the partitions of %s failed: %s", topic, err)
+            continue
+        current = set(consumer.assignment())
+        if set(tps) != current:
+            log.info("partitions of %s changed; following %d", topic, len(tps))
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*[tp for tp in tps if tp not in current])
+
+
+async def _wait_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    warned = False
+    while True:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not warned:
+            log.warning("waiting for topic %s to exist", topic)
+            warned = True
+        await asyncio.sleep(0.5)

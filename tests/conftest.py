@@ -69,3 +69,15 @@ async def db(stack: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[object
 @pytest.fixture
 def new_id() -> Iterator[str]:
     yield str(uuid.uuid4())
+
+
+# Figures that tests measure (recovery times, counts) are printed at the end of the run, so a
+# CI log carries them without -s.
+FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,18 @@ def _load_prctl() -> Callable[..., int] | None:
 
 
 _prctl = _load_prctl()
+
+
+# setpriv (util-linux) asks for the death signal and then execs the real program, so nothing
+# runs Python between fork and exec. Python code there is unsafe in a process with other
+# threads (gRPC's, a thread pool's): the child can crash or deadlock before it ever execs.
+_SETPRIV = shutil.which("setpriv")
+
+
+def _launch(argv: list[str], death_signal: signal.Signals) -> tuple[list[str], Callable[[], None] | None]:
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", death_signal.name.removeprefix("SIG"), "--", *argv], None
+    return argv, _child_setup(death_signal, os.getpid())
 
 
 def _child_setup(death_signal: signal.Signals, parent_pid: int) -> Callable[[], None]:
@@ -142,15 +155,16 @@ class ChildProcess:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"--- {stamp} starting {self.name}: {shlex.join(self.argv)}\n".encode())
             log.flush()
+            argv, preexec = _launch(self.argv, self.death_signal)
             self._popen = subprocess.Popen(
-                self.argv,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_child_setup(self.death_signal, os.getpid()),
+                preexec_fn=preexec,
                 user=uid,
                 group=gid,
                 extra_groups=groups,

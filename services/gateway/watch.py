@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from jobstream import topics
 from jobstream.config import Settings
 from jobstream.events import is_terminal
-from jobstream.kafka import assign_all_from_end, make_broadcast_consumer
+from jobstream.kafka import assign_all_from_end, follow_partition_changes, make_broadcast_consumer
 from jobstream.observability import kafka_ready
 from jobstream.v1 import jobstream_pb2 as pb
 from services.gateway.metrics import EVENT_LATENCY, WATCH_STREAMS
@@ -78,8 +78,13 @@ class UpdatesHub:
 
     async def start(self) -> None:
         await self._consumer.start()
-        await assign_all_from_end(self._consumer, self._settings.topic(topics.UPDATES))
-        self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._check_behind())]
+        topic = self._settings.topic(topics.UPDATES)
+        await assign_all_from_end(self._consumer, topic)
+        self._tasks = [
+            asyncio.create_task(self._follow()),
+            asyncio.create_task(self._check_behind()),
+            asyncio.create_task(follow_partition_changes(self._consumer, topic)),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from jobstream.kafka import assign_all_from_end, make_broadcast_consumer
+from jobstream.kafka import assign_all_from_end, follow_partition_changes, make_broadcast_consumer
 from services.worker import claims, metrics
 from services.worker.runner import ChunkRun
 
@@ -55,8 +55,13 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._control.start()
-        await assign_all_from_end(self._control, self._settings.topic(topics.CONTROL))
-        helpers = [asyncio.create_task(self._listen_control()), asyncio.create_task(self._heartbeat())]
+        control = self._settings.topic(topics.CONTROL)
+        await assign_all_from_end(self._control, control)
+        helpers = [
+            asyncio.create_task(self._listen_control()),
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(follow_partition_changes(self._control, control)),
+        ]
         try:
             await self._fetch_loop(stop)
             await self._drain()
