@@ -19,6 +19,10 @@ from jobstream.config import Settings
 log = logging.getLogger(__name__)
 
 PARTITION_CHECK_SECONDS = 5.0
+# Clients refresh metadata this often. Group members notice a topic whose partitions changed (a
+# broker that came back empty re-creates topics that producers may have auto-created with the
+# wrong count) only through metadata, so this bounds how long part of a topic goes unread.
+METADATA_MAX_AGE_MS = 5_000
 
 
 def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
@@ -29,6 +33,7 @@ def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer
         max_batch_size=256 * 1024,
         max_request_size=8 * 1024 * 1024,
         request_timeout_ms=15_000,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
         client_id=f"jobstream-{settings.worker_id}",
     )
 
@@ -47,6 +52,7 @@ def make_group_consumer(
         heartbeat_interval_ms=1_000,
         max_poll_interval_ms=300_000,
         max_partition_fetch_bytes=8 * 1024 * 1024,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
         client_id=f"jobstream-{settings.worker_id}",
     )
     consumer.subscribe([settings.topic(t) for t in topics], listener=listener)

@@ -225,3 +225,19 @@ async def _dead_letters(stack: Stack, job_id: str) -> list[bus_pb2.ChunkReport]:
         return found
     finally:
         await consumer.stop()
+
+
+async def test_submit_while_broker_down_is_durable_and_runs_when_it_returns(own: Stack, client: Client, db: Db) -> None:
+    own.broker.kill()
+    try:
+        job = await submit(client, chunks=3, ms=10)
+        cur = await db.execute("SELECT count(*) FROM outbox WHERE key = %s", (job.id.encode(),))
+        assert await cur.fetchone() == (1,), "the submit must wait in the outbox while the broker is down"
+    finally:
+        # Comes back empty, as the embedded broker does: topics and offsets are gone too.
+        own.broker.start()
+
+    events = await watch_all(client, job.id, within=90)
+
+    assert_contiguous(events)
+    assert events[-1].type == pb.JOB_SUCCEEDED and events[-1].progress.done_chunks == 3

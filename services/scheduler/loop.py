@@ -140,6 +140,8 @@ class Scheduler:
             self._next_broker_check = now + BROKER_CHECK_SECONDS
             try:
                 if await self._reconciler.broker_wiped():
+                    # Topics were re-created: learn their partitions now, not at the next refresh.
+                    await self._consumer._client.force_metadata_update()
                     self._ownership.newly_assigned |= set(self.owned_partitions())
             except Exception as err:
                 log.warning("checking the broker failed: %s", err)

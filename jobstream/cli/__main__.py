@@ -1,0 +1,5 @@
+import sys
+
+from jobstream.cli.main import main
+
+sys.exit(main())
