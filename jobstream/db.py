@@ -67,3 +67,11 @@ async def apply_schema(database_url: str) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
     return applied
+
+
+async def broker_epoch(pool: AsyncConnectionPool) -> int:
+    """The number of times a scheduler found the broker empty; a change means topics were re-created."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT coalesce(max(id), 0) FROM broker_epochs")
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0

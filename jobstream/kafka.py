@@ -8,6 +8,7 @@ producer may deliver twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -57,6 +58,40 @@ def make_group_consumer(
     )
     consumer.subscribe([settings.topic(t) for t in topics], listener=listener)
     return consumer
+
+
+class GroupMember:
+    """A consumer-group membership that can be renewed.
+
+    After a broker came back empty, a member may keep an assignment computed from topics that
+    producers auto-created with the wrong partition count, even once they are re-created right;
+    joining again as a new member is what reliably brings the full assignment back.
+    """
+
+    def __init__(
+        self, settings: Settings, group: str, topics: Iterable[str], listener: ConsumerRebalanceListener | None = None
+    ) -> None:
+        self._settings = settings
+        self._group = group
+        self._topics = list(topics)
+        self._listener = listener
+        self.consumer = self._make()
+
+    def _make(self) -> AIOKafkaConsumer:
+        return make_group_consumer(self._settings, self._group, self._topics, self._listener)
+
+    async def start(self) -> None:
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.consumer.stop()
+
+    async def renew(self) -> None:
+        log.warning("joining the consumer group again after the broker came back empty")
+        await self.stop()
+        self.consumer = self._make()
+        await self.consumer.start()
 
 
 def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:

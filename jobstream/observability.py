@@ -53,9 +53,10 @@ def watch_pool(pool: AsyncConnectionPool, registry: CollectorRegistry = REGISTRY
         registry.register(PoolCollector(pool))
 
 
-async def track_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 2.0) -> None:
+async def track_lag(current: Callable[[], AIOKafkaConsumer], group: str, every_s: float = 2.0) -> None:
     """Updates the lag gauge from the consumer's own view (highwater minus position)."""
     while True:
+        consumer = current()
         totals: dict[str, int] = {}
         for tp in consumer.assignment():
             totals.setdefault(tp.topic, 0)

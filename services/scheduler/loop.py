@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
+from jobstream.kafka import GroupMember
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
 from services.scheduler.reconcile import Reconciler
@@ -58,7 +59,7 @@ class Scheduler:
         self,
         settings: Settings,
         pool: AsyncConnectionPool,
-        consumer: AIOKafkaConsumer,
+        member: GroupMember,
         producer: AIOKafkaProducer,
         ownership: Ownership,
     ) -> None:
@@ -68,7 +69,7 @@ class Scheduler:
         self._next_sweep = 0.0
         self._next_broker_check = 0.0
         self._pool = pool
-        self._consumer = consumer
+        self._member = member
         self._producer = producer
         self._machine = JobMachine(settings.progress_interval_ms / 1000)
         self._retries: list[tuple[float, uuid.UUID, int, int]] = []
@@ -76,7 +77,7 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            batch = await self._consumer.getmany(timeout_ms=self._wait_ms(), max_records=MAX_BATCH)
+            batch = await self._consumer().getmany(timeout_ms=self._wait_ms(), max_records=MAX_BATCH)
             records = [r for rs in batch.values() for r in rs]
             work = self._collect(records)
             self._add_due(work)
@@ -85,10 +86,13 @@ class Scheduler:
                 await self._process(work)
             if records:
                 try:
-                    await self._consumer.commit()
+                    await self._consumer().commit()
                 except CommitFailedError as err:
                     # The partitions moved while we worked; the new owner replays them idempotently.
                     log.warning("offset commit refused after a rebalance: %s", err)
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        return self._member.consumer
 
     def _wait_ms(self) -> int:
         due = [*self._machine.progress_due.values()]
@@ -140,9 +144,7 @@ class Scheduler:
             self._next_broker_check = now + BROKER_CHECK_SECONDS
             try:
                 if await self._reconciler.broker_wiped():
-                    # Topics were re-created: learn their partitions now, not at the next refresh.
-                    await self._consumer._client.force_metadata_update()
-                    self._ownership.newly_assigned |= set(self.owned_partitions())
+                    await self._member.renew()  # the new assignment reconciles what it owns
             except Exception as err:
                 log.warning("checking the broker failed: %s", err)
         if self._ownership.newly_assigned:
@@ -183,7 +185,7 @@ class Scheduler:
     def owned_partitions(self) -> list[int]:
         """The job partitions this scheduler owns now: its jobs are the ones on them."""
         submitted = self._settings.topic(topics.SUBMITTED)
-        return sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == submitted)
+        return sorted(tp.partition for tp in self._consumer().assignment() if tp.topic == submitted)
 
     async def track_jobs(self, every_s: float = 5.0) -> None:
         while True:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream.config import Settings
+from jobstream.db import broker_epoch
 from jobstream.states import ChunkState, JobState
 from jobstream.topics import broker_is_intact, ensure_topics
 from services.scheduler.machine import JobWork
@@ -83,10 +84,7 @@ class Reconciler:
             await ensure_topics(self._settings)
             async with self._pool.connection() as conn:
                 await conn.execute("INSERT INTO broker_epochs (detected_by) VALUES (%s)", (self._settings.worker_id,))
-        async with self._pool.connection() as conn:
-            cur = await conn.execute("SELECT coalesce(max(id), 0) FROM broker_epochs")
-            row = await cur.fetchone()
-        epoch = int(row[0]) if row else 0
+        epoch = await broker_epoch(self._pool)
         changed = self._broker_epoch is not None and epoch != self._broker_epoch
         self._broker_epoch = epoch
         return changed

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from jobstream import topics
 from jobstream.config import Settings
 from jobstream.db import open_pool
-from jobstream.kafka import make_group_consumer, make_producer
+from jobstream.kafka import GroupMember, make_producer
 from jobstream.observability import OpsServer, combine, kafka_ready, postgres_ready, track_lag, watch_pool
 from services.scheduler.loop import Ownership, Scheduler
 
@@ -21,16 +20,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     producer = make_producer(settings)
     await producer.start()
     ownership = Ownership(settings.topic(topics.SUBMITTED))
-    consumer = make_group_consumer(settings, "scheduler", topics.SCHEDULER_TOPICS, ownership)
-    await consumer.start()
+    member = GroupMember(settings, "scheduler", topics.SCHEDULER_TOPICS, ownership)
+    await member.start()
     log.info("scheduler started")
-    scheduler = Scheduler(settings, pool, consumer, producer, ownership)
+    scheduler = Scheduler(settings, pool, member, producer, ownership)
     watch_pool(pool)
-    ops = OpsServer(settings.metrics_port, combine(lambda: postgres_ready(pool), lambda: kafka_ready(consumer)))
+    ops = OpsServer(settings.metrics_port, combine(lambda: postgres_ready(pool), lambda: kafka_ready(member.consumer)))
     await ops.start()
     background = [
         asyncio.create_task(scheduler.track_jobs()),
-        asyncio.create_task(track_lag(consumer, settings.group("scheduler"))),
+        asyncio.create_task(track_lag(lambda: member.consumer, settings.group("scheduler"))),
     ]
     task = asyncio.create_task(scheduler.run(stop))
     stopped = asyncio.create_task(stop.wait())
@@ -47,8 +46,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     for each in background:
         each.cancel()
     await ops.stop()
-    with contextlib.suppress(Exception):
-        await consumer.stop()
+    await member.stop()
     await producer.stop()
     await pool.close()
     log.info("scheduler stopped")

@@ -13,14 +13,15 @@ import contextlib
 import logging
 import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from jobstream.kafka import assign_all_from_end, follow_partition_changes, make_broadcast_consumer
+from jobstream.db import broker_epoch
+from jobstream.kafka import GroupMember, assign_all_from_end, follow_partition_changes, make_broadcast_consumer
 from services.worker import claims, metrics
 from services.worker.runner import ChunkRun
 
@@ -35,12 +36,14 @@ class Worker:
         self,
         settings: Settings,
         pool: AsyncConnectionPool,
-        consumer: AIOKafkaConsumer,
+        member: GroupMember,
         producer: AIOKafkaProducer,
     ) -> None:
         self._settings = settings
         self._pool = pool
-        self._consumer = consumer
+        self._member = member
+        self._broker_epoch: int | None = None
+        self._renew = False
         self._producer = producer
         self._running: dict[tuple[str, int], ChunkRun] = {}
         self._slot_free = asyncio.Event()
@@ -82,14 +85,17 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_free.wait(), 0.5)
                 continue
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=free)
+            if self._renew:
+                self._renew = False
+                await self._member.renew()
+            batch = await self._member.consumer.getmany(timeout_ms=200, max_records=free)
             tasks = [bus_pb2.ChunkTask.FromString(r.value) for rs in batch.values() for r in rs]
             if not tasks:
                 continue
             wanted = [t for t in tasks if t.job_id not in self._cancelled]
             held = await claims.claim(self._pool, wanted, self._settings.worker_id, self._settings.lease_seconds)
             with contextlib.suppress(KafkaError):
-                await self._consumer.commit()
+                await self._member.consumer.commit()
             for task in wanted:
                 if (task.job_id, task.chunk_index) in held:
                     self._start(task)
@@ -141,6 +147,9 @@ class Worker:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             held = list(self._running)
             try:
+                epoch = await broker_epoch(self._pool)
+                self._renew |= self._broker_epoch is not None and epoch != self._broker_epoch
+                self._broker_epoch = epoch
                 still, stopped_jobs = await claims.heartbeat(
                     self._pool, held, self._settings.worker_id, self._settings.lease_seconds
                 )
