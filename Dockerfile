@@ -9,10 +9,8 @@
 #   docker build -t jobstream:0.1.0 .
 #   docker run --rm -e JOBSTREAM_DATABASE_URL=... -e JOBSTREAM_KAFKA_BOOTSTRAP=... jobstream:0.1.0 python -m services.worker
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-
 # ---- build: a virtualenv with the runtime dependencies and the package, nothing else ----
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -45,7 +43,7 @@ RUN pip install --no-deps --no-build-isolation . \
     && find /opt/jobstream -name '__pycache__' -prune -exec rm -rf {} +
 
 # ---- runtime: the interpreter, the virtualenv and an unprivileged user ----
-FROM ${PYTHON_IMAGE} AS runtime
+FROM python:3.11-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="jobstream" \
       org.opencontainers.image.description="jobstream services: python -m services.gateway | services.scheduler | services.worker"
 

