@@ -6,11 +6,13 @@ import asyncio
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.helpers import submit, wait_for, watch_all
@@ -89,3 +91,15 @@ async def test_promtool_finds_nothing_wrong_with_the_metrics(stack: Stack, servi
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
         result.stdout + result.stderr
     )
+
+
+async def test_gateway_serves_reflection(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    responses = [r async for r in stub.ServerReflectionInfo(requests())]
+
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"jobstream.v1.JobService", "grpc.health.v1.Health"} <= names

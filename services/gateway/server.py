@@ -7,13 +7,15 @@ import contextlib
 import logging
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from jobstream.config import Settings
 from jobstream.db import open_pool
 from jobstream.kafka import make_producer
 from jobstream.observability import OpsServer, combine, postgres_ready, watch_pool
+from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from services.gateway.api import JobService
 from services.gateway.interceptors import ErrorMappingInterceptor, MetricsInterceptor
@@ -58,6 +60,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     pb_grpc.add_JobServiceServicer_to_server(JobService(settings, store, relay, hub), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["JobService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(settings.gateway_listen)
     if port == 0:
         raise RuntimeError(f"gateway cannot listen on {settings.gateway_listen}")
