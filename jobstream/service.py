@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,15 @@ def setup_logging(settings: Settings, service: str) -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
+STOP_GRACE_SECONDS = 10.0
+
+
+def _hard_exit(service: str, why: str) -> None:
+    logging.getLogger(service).error("%s exiting at once: %s", service, why)
+    logging.shutdown()
+    os._exit(1)
+
+
 def run(service: str, serve: Serve) -> None:
     """Runs `serve` until SIGINT/SIGTERM; exits 2 on bad settings, 1 when serve fails."""
     try:
@@ -58,8 +68,17 @@ def run(service: str, serve: Serve) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                _hard_exit(service, "second signal")
+            stop.set()
+            # A clean stop drains and closes connections; if a dependency is gone that can hang
+            # (a flush to a dead broker), so the process leaves anyway once the drain time is over.
+            loop.call_later(settings.drain_seconds + STOP_GRACE_SECONDS, _hard_exit, service, "stop took too long")
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await serve(settings, stop)
 
     try:

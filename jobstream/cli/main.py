@@ -1,105 +1,185 @@
-"""`jobstream`: submit, watch, cancel, get and list jobs; `up` and `demo` run the embedded stack."""
+"""`jobstream`: submit, watch, cancel, get and list jobs; `up` runs the whole system, `demo` shows it.
+
+Only the argument parsing and the dispatch live here. `up` and `demo` are imported when chosen,
+because they pull in Postgres, Kafka and process supervision that client commands never need.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Sequence
+from pathlib import Path
 
-import grpc
-
-from jobstream.cli import client
 from jobstream.v1 import jobstream_pb2 as pb
-from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 
-if TYPE_CHECKING:
-    from jobstream.v1.jobstream_pb2_grpc import JobServiceAsyncStub as Stub
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 30.0
+MAX_PAGE_SIZE = 1000
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
-Command = Callable[["Stub", argparse.Namespace, TextIO], Awaitable[int]]
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jobstream", description=__doc__)
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _page_size(text: str) -> int:
+    value = _non_negative_int(text)
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_PAGE_SIZE}, got {text}")
+    return value
+
+
+STATES = [name for name in pb.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]  # noqa: SIM118 (not a dict)
+
+
+def _state(text: str) -> int:
+    name = text.upper()
+    if name not in STATES:
+        raise argparse.ArgumentTypeError(f"unknown state {text!r} (one of {', '.join(STATES)})")
+    return pb.JobState.Value(name)
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # Accepted before and after the subcommand. After it, the defaults are suppressed so that a
+    # value given before the subcommand is not overwritten by the subcommand's own default.
+    gateway = os.environ.get("JOBSTREAM_GATEWAY") or DEFAULT_GATEWAY
     parser.add_argument(
         "--gateway",
-        default=os.environ.get("JOBSTREAM_GATEWAY", "127.0.0.1:50051"),
-        help="gateway address (default $JOBSTREAM_GATEWAY or 127.0.0.1:50051)",
+        metavar="HOST:PORT",
+        default=gateway if defaults else argparse.SUPPRESS,
+        help=f"the gateway to call (default $JOBSTREAM_GATEWAY or {DEFAULT_GATEWAY})",
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds for each unary call")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        default=DEFAULT_TIMEOUT if defaults else argparse.SUPPRESS,
+        help=f"deadline of each unary call (default {DEFAULT_TIMEOUT:g}); watching has none",
+    )
 
-    submit = sub.add_parser("submit", help="submit a job")
-    submit.add_argument("kind")
-    submit.add_argument("--param", action="append", metavar="KEY=VALUE", help="a param; VALUE is JSON when it parses")
-    submit.add_argument("--params-json", metavar="JSON", help="all params as one JSON object")
-    submit.add_argument("--input", metavar="FILE", help="the job's input (- for stdin)")
-    submit.add_argument("--idempotency-key", metavar="KEY")
-    submit.add_argument("--watch", action="store_true", help="watch the job until it ends")
-    submit.add_argument("--plain", action="store_true", help="one line per event even on a terminal")
 
-    watch = sub.add_parser("watch", help="stream a job's events until it ends")
-    watch.add_argument("job_id")
-    watch.add_argument("--after-seq", type=int, default=0, metavar="N", help="start after event N")
-    watch.add_argument("--plain", action="store_true", help="one line per event even on a terminal")
+def _plain_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plain", action="store_true", help="one line per event even on a terminal (always so when piped)"
+    )
 
-    cancel = sub.add_parser("cancel", help="cancel a job")
-    cancel.add_argument("job_id")
-    cancel.add_argument("--reason", default="")
 
-    get = sub.add_parser("get", help="show a job as JSON")
-    get.add_argument("job_id")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobstream",
+        description="Submit jobs, watch their progress live, cancel them.",
+        epilog="exit status: 0 ok (and the job succeeded), 1 the job failed or was cancelled, "
+        "2 bad usage, 3 the call to the gateway failed",
+    )
+    _connection_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_options(common, defaults=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    listing = sub.add_parser("list", help="list jobs, newest first")
-    states = [n.lower() for n in pb.JobState.keys() if n != "JOB_STATE_UNSPECIFIED"]  # noqa: SIM118 (not a dict)
-    listing.add_argument("--state", choices=states)
-    listing.add_argument("--kind")
-    listing.add_argument("--page-size", type=int, default=50)
-    listing.add_argument("--all", action="store_true", help="follow every page")
+    submit = sub.add_parser("submit", parents=[common], help="submit a job and print its id")
+    submit.add_argument("kind", metavar="KIND", help="the job kind, e.g. demo.sleep or text.wordcount")
+    submit.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one param; VALUE is read as JSON when it parses (chunks=20 is a number), else as text",
+    )
+    submit.add_argument("--params-json", metavar="JSON", help="params as one JSON object; --param values override")
+    submit.add_argument("--input", metavar="FILE", help="the job's input data; - reads stdin")
+    submit.add_argument("--idempotency-key", metavar="KEY", help="submitting again with it returns the same job")
+    submit.add_argument("--watch", action="store_true", help="then watch the job until it ends")
+    _plain_option(submit)
 
-    from jobstream.cli.up import add_up_arguments
+    watch = sub.add_parser("watch", parents=[common], help="stream a job's events until it ends")
+    watch.add_argument("job_id", metavar="ID")
+    watch.add_argument(
+        "--after-seq", type=_non_negative_int, default=0, metavar="N", help="start with the event after seq N"
+    )
+    _plain_option(watch)
 
-    add_up_arguments(sub.add_parser("up", help="run the embedded stack until Ctrl-C"))
-    sub.add_parser("demo", help="start the stack, run demo jobs with live progress, stop")
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    cancel.add_argument("job_id", metavar="ID")
+    cancel.add_argument("--reason", default="", metavar="TEXT", help="recorded with the cancellation")
+
+    get = sub.add_parser("get", parents=[common], help="print a job as JSON")
+    get.add_argument("job_id", metavar="ID")
+
+    listing = sub.add_parser("list", parents=[common], help="list jobs, newest first")
+    listing.add_argument(
+        "--state", type=_state, default=pb.JOB_STATE_UNSPECIFIED, metavar="STATE", help=" | ".join(STATES)
+    )
+    listing.add_argument("--kind", default="", metavar="KIND", help="only jobs of this kind")
+    listing.add_argument("--page-size", type=_page_size, default=50, metavar="N", help="jobs per page (default 50)")
+    listing.add_argument("--all", action="store_true", help="follow every page, not only the first")
+
+    # Its options belong to up.py, which is imported only when `up` runs; see main().
+    sub.add_parser("up", add_help=False, help="run Postgres, the broker and every service here until Ctrl-C")
+
+    demo = sub.add_parser("demo", help="start the system, run two jobs with live progress, stop it")
+    demo.add_argument(
+        "--state-dir", type=Path, default=Path(".jobstream/demo"), metavar="DIR", help="(default .jobstream/demo)"
+    )
+    _plain_option(demo)
     return parser
 
 
-COMMANDS: dict[str, Command] = {
-    "submit": client.submit,
-    "watch": lambda stub, args, out: client.watch(stub, args.job_id, args.after_seq, plain=args.plain, out=out),
-    "cancel": client.cancel,
-    "get": client.get,
-    "list": client.list_jobs,
-}
+def _run_up(extra: Sequence[str]) -> int:
+    from jobstream.cli.up import add_up_arguments, run_up
+
+    parser = argparse.ArgumentParser(
+        prog="jobstream up", description="Run Postgres, the broker, the scheduler, the gateway and workers."
+    )
+    add_up_arguments(parser)
+    return run_up(parser.parse_args(extra))
 
 
-async def _call(command: Command, args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.gateway) as channel:
-        return await command(pb_grpc.JobServiceStub(channel), args, sys.stdout)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _dispatch(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     if args.command == "up":
-        from jobstream.cli.up import run_up
-
-        return run_up(args)
+        return _run_up(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
         from jobstream.cli.demo import run_demo
 
-        return run_demo()
+        return run_demo(args.state_dir, plain=args.plain)
+    from jobstream.cli import client
+
+    return client.run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return asyncio.run(_call(COMMANDS[args.command], args))
-    except client.UsageError as err:
-        print(f"jobstream: {err}", file=sys.stderr)
-        return client.EXIT_USAGE
-    except grpc.aio.AioRpcError as err:
-        print(f"jobstream: {err.code().name}: {err.details()}", file=sys.stderr)
-        return client.EXIT_RPC
+        return _dispatch(argv)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`jobstream list | head`): not an error worth a traceback. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
