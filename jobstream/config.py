@@ -44,7 +44,6 @@ class Settings:
 
     # Scheduler.
     progress_interval_ms: int = 200
-    chunk_dispatch_batch: int = 500
 
     # Worker.
     worker_id: str = field(default_factory=_default_worker_id)
@@ -88,7 +87,6 @@ class Settings:
             "JOBSTREAM_LEASE_SECONDS": self.lease_seconds,
             "JOBSTREAM_HEARTBEAT_SECONDS": self.heartbeat_seconds,
             "JOBSTREAM_DB_POOL_MAX": self.db_pool_max,
-            "JOBSTREAM_CHUNK_DISPATCH_BATCH": self.chunk_dispatch_batch,
         }
         for name, value in positive.items():
             if value <= 0:

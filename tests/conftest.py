@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,11 +63,6 @@ def client(channel: grpc.aio.Channel) -> Client:
 async def db(stack: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
     async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
         yield conn
-
-
-@pytest.fixture
-def new_id() -> Iterator[str]:
-    yield str(uuid.uuid4())
 
 
 # Figures that tests measure (recovery times, counts) are printed at the end of the run, so a

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from google.protobuf import struct_pb2
 
 from jobstream.events import is_terminal
@@ -14,7 +15,7 @@ from jobstream.v1 import jobstream_pb2 as pb
 if TYPE_CHECKING:
     from jobstream.v1.jobstream_pb2_grpc import JobServiceAsyncStub as Client
 
-__all__ = ["Client", "assert_contiguous", "params", "submit", "wait_for", "watch_all"]
+__all__ = ["Client", "assert_contiguous", "params", "submit", "wait_for", "watch_all", "watch_until"]
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 
@@ -37,6 +38,20 @@ async def watch_all(client: Client, job_id: str, after_seq: int = 0, within: flo
         return [event async for event in client.Watch(pb.WatchRequest(job_id=job_id, after_seq=after_seq))]
 
     return await asyncio.wait_for(collect(), within)
+
+
+async def watch_until(
+    client: Client, job_id: str, until: Callable[[pb.JobEvent], bool]
+) -> tuple[grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.JobEvent], list[pb.JobEvent]]:
+    """Watches from the start until `until` holds for an event; returns the open stream (to read the
+    rest from) and the events so far."""
+    stream = client.Watch(pb.WatchRequest(job_id=job_id))
+    events: list[pb.JobEvent] = []
+    async for event in stream:
+        events.append(event)
+        if until(event):
+            break
+    return stream, events
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], within: float = 30, what: str = "condition") -> None:

@@ -19,7 +19,7 @@ from tests.conftest import WORKERS
 
 if TYPE_CHECKING:
     from tests.helpers import Client
-from tests.helpers import assert_contiguous, params, submit, wait_for, watch_all
+from tests.helpers import assert_contiguous, params, submit, wait_for, watch_all, watch_until
 
 pytestmark = pytest.mark.e2e
 Db = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -68,12 +68,7 @@ async def test_concurrent_watchers_see_identical_sequences(client: Client) -> No
 
 async def test_watch_resumes_live_after_seq_without_gap(client: Client) -> None:
     job = await submit(client, "demo.sleep", chunks=10, ms=300)
-    seen: list[pb.JobEvent] = []
-    stream = client.Watch(pb.WatchRequest(job_id=job.id))
-    async for event in stream:
-        seen.append(event)
-        if event.type == pb.JOB_STARTED:
-            break
+    stream, seen = await watch_until(client, job.id, lambda e: e.type == pb.JOB_STARTED)
     stream.cancel()
 
     rest = await watch_all(client, job.id, after_seq=seen[-1].seq)
@@ -95,12 +90,7 @@ async def test_every_worker_runs_some_chunks(client: Client, db: Db) -> None:
 
 async def test_cancel_stops_the_job_and_no_chunk_starts_after(client: Client, db: Db) -> None:
     job = await submit(client, "demo.sleep", chunks=100, ms=500)
-    stream = client.Watch(pb.WatchRequest(job_id=job.id))
-    events: list[pb.JobEvent] = []
-    async for event in stream:
-        events.append(event)
-        if event.progress.done_chunks >= 10:
-            break
+    stream, events = await watch_until(client, job.id, lambda e: e.progress.done_chunks >= 10)
 
     cancelled = await client.Cancel(pb.CancelRequest(job_id=job.id, reason="test says stop"))
     claimed_at_cancel = await _claimed(db, job.id)

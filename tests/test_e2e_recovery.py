@@ -17,7 +17,7 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.conftest import running_stack
-from tests.helpers import assert_contiguous, params, wait_for, watch_all
+from tests.helpers import assert_contiguous, params, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
 if TYPE_CHECKING:
@@ -153,12 +153,7 @@ async def test_killed_worker_chunk_runs_elsewhere_after_its_lease(own: Stack, cl
 
 async def test_sigterm_worker_drains_hands_back_and_exits_zero(own: Stack, client: Client, db: Db) -> None:
     job = await submit(client, chunks=8, ms=4000)
-    stream = client.Watch(pb.WatchRequest(job_id=job.id))
-    events: list[pb.JobEvent] = []
-    async for event in stream:
-        events.append(event)
-        if event.type == pb.JOB_STARTED:
-            break
+    stream, events = await watch_until(client, job.id, lambda e: e.type == pb.JOB_STARTED)
     running_on: list[str] = []
 
     async def some_running() -> bool:
@@ -188,12 +183,7 @@ async def test_sigterm_worker_drains_hands_back_and_exits_zero(own: Stack, clien
 
 async def test_scheduler_killed_mid_job_is_resumed_by_a_new_one(own: Stack, client: Client) -> None:
     job = await submit(client, chunks=30, ms=200)
-    stream = client.Watch(pb.WatchRequest(job_id=job.id))
-    events: list[pb.JobEvent] = []
-    async for event in stream:
-        events.append(event)
-        if event.progress.done_chunks >= 5:
-            break
+    stream, events = await watch_until(client, job.id, lambda e: e.progress.done_chunks >= 5)
 
     own.services["scheduler"].kill()
     own.start_service("scheduler", "services.scheduler")
