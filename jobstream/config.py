@@ -36,6 +36,10 @@ class Settings:
     # How long a fetch waits when there is nothing to read. Apache Kafka answers as soon as a record
     # arrives; the embedded broker waits out the whole time, so this bounds each hop's latency.
     kafka_fetch_wait_ms: int = 10
+    # Whether a stopping group member tells the broker it leaves (its partitions move at once) or
+    # lets its session expire. The embedded broker strands a group for good when its leader leaves
+    # in the middle of a rebalance, so members of that broker stay silent instead.
+    kafka_leave_group: bool = True
 
     # Gateway.
     gateway_listen: str = "127.0.0.1:50051"

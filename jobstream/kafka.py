@@ -82,6 +82,8 @@ class GroupMember:
 
     async def start(self) -> None:
         await self.consumer.start()
+        if not self._settings.kafka_leave_group:
+            leave_silently(self.consumer)
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -91,7 +93,26 @@ class GroupMember:
         log.warning("joining the consumer group again after the broker came back empty")
         await self.stop()
         self.consumer = self._make()
-        await self.consumer.start()
+        await self.start()
+
+
+def leave_silently(consumer: AIOKafkaConsumer) -> None:
+    """Makes a started group member stop without a LeaveGroup request; the broker drops it once
+    its session times out.
+
+    The embedded broker keeps a departed member as the leader of a group that is rebalancing, so
+    after a leader leaves mid-rebalance no member can ever complete a join (the broker test
+    `test_a_leader_leaving_mid_rebalance_strands_the_group` records this). An expired member is
+    handled right, at the price of its partitions waiting out the session timeout.
+    """
+    coordinator = consumer._coordinator
+    assert coordinator is not None, "only a started group member has a coordinator"
+
+    async def forget_membership() -> None:
+        coordinator.reset_generation()
+
+    # aiokafka leaves through this method both on close and when the consumer sat idle too long.
+    coordinator._maybe_leave_group = forget_membership
 
 
 def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:

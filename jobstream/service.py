@@ -44,6 +44,8 @@ def setup_logging(settings: Settings, service: str) -> None:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # Joins, generations and assignments: what explains a member that takes no work.
+    logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.INFO)
 
 
 STOP_GRACE_SECONDS = 10.0

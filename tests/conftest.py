@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psycopg
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from tests.helpers import Client
 
 WORKERS = 3
+# Stacks now running, so a failing test's report carries what their processes logged.
+LIVE_STACKS: list[Stack] = []
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +36,12 @@ async def running_stack(root: Path, workers: int, **env: str) -> AsyncIterator[S
         broker=EmbeddedBroker(root / "broker"),
         env_overrides=env,
     )
+    LIVE_STACKS.append(stack)
     try:
         await stack.start(workers=workers)
         yield stack
     finally:
+        LIVE_STACKS.remove(stack)
         stack.stop()
 
 
@@ -75,3 +79,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("measured figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    if report.failed:
+        for stack in LIVE_STACKS:
+            report.sections.append((f"logs of the stack in {stack.root}", stack.log_tails()))
+    return report

@@ -15,7 +15,7 @@ from jobstream.v1 import jobstream_pb2 as pb
 if TYPE_CHECKING:
     from jobstream.v1.jobstream_pb2_grpc import JobServiceAsyncStub as Client
 
-__all__ = ["Client", "assert_contiguous", "params", "submit", "wait_for", "watch_all", "watch_until"]
+__all__ = ["Client", "assert_contiguous", "params", "read_rest", "submit", "wait_for", "watch_all", "watch_until"]
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 
@@ -41,17 +41,48 @@ async def watch_all(client: Client, job_id: str, after_seq: int = 0, within: flo
 
 
 async def watch_until(
-    client: Client, job_id: str, until: Callable[[pb.JobEvent], bool]
+    client: Client, job_id: str, until: Callable[[pb.JobEvent], bool], within: float = 60
 ) -> tuple[grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.JobEvent], list[pb.JobEvent]]:
     """Watches from the start until `until` holds for an event; returns the open stream (to read the
-    rest from) and the events so far."""
+    rest from with `read_rest`) and the events so far."""
     stream = client.Watch(pb.WatchRequest(job_id=job_id))
     events: list[pb.JobEvent] = []
-    async for event in stream:
-        events.append(event)
-        if until(event):
-            break
+
+    async def collect() -> None:
+        async for event in stream:
+            events.append(event)
+            if until(event):
+                return
+        raise AssertionError(f"job {job_id}: the stream ended before the awaited event; saw {_types(events)}")
+
+    try:
+        await asyncio.wait_for(collect(), within)
+    except TimeoutError:
+        stream.cancel()
+        raise AssertionError(f"job {job_id}: awaited event not seen within {within}s; saw {_types(events)}") from None
     return stream, events
+
+
+async def read_rest(
+    stream: grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.JobEvent], job_id: str, within: float = 60
+) -> list[pb.JobEvent]:
+    """The rest of an open stream, up to its end (after the terminal event)."""
+    events: list[pb.JobEvent] = []
+
+    async def collect() -> None:
+        async for event in stream:
+            events.append(event)
+
+    try:
+        await asyncio.wait_for(collect(), within)
+    except TimeoutError:
+        stream.cancel()
+        raise AssertionError(f"job {job_id}: stream did not end within {within}s; then saw {_types(events)}") from None
+    return events
+
+
+def _types(events: list[pb.JobEvent]) -> list[str]:
+    return [pb.EventType.Name(e.type) for e in events]
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], within: float = 30, what: str = "condition") -> None:

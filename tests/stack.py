@@ -36,13 +36,13 @@ class Stack:
 
     @property
     def settings(self) -> Settings:
-        return Settings(database_url=self.database_url, kafka_bootstrap=self.bootstrap)
+        return Settings(database_url=self.database_url, kafka_bootstrap=self.bootstrap, kafka_leave_group=False)
 
     def service_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
+        env.update(self.broker.client_env())
         env.update(
             JOBSTREAM_DATABASE_URL=self.database_url,
-            JOBSTREAM_KAFKA_BOOTSTRAP=self.bootstrap,
             JOBSTREAM_GATEWAY_LISTEN=self.gateway_addr,
             PYTHONPATH=str(REPO),
         )
@@ -86,8 +86,15 @@ class Stack:
             try:
                 await asyncio.wait_for(channel.channel_ready(), within)
             except TimeoutError:
-                logs = "\n".join(f"== {n}\n{p.log_tail()}" for n, p in self.services.items())
-                raise RuntimeError(f"gateway not ready after {within}s\n{logs}") from None
+                raise RuntimeError(f"gateway not ready after {within}s\n{self.log_tails()}") from None
+
+    def log_tails(self, lines: int = 40) -> str:
+        parts = [
+            f"== {name} (pid {proc.pid}, alive {proc.alive})\n{proc.log_tail(lines)}"
+            for name, proc in self.services.items()
+        ]
+        parts.append(f"== broker\n{self.broker.log_tail(lines)}")
+        return "\n".join(parts)
 
     def stop(self) -> None:
         for name in sorted(self.services, key=lambda n: (not n.startswith("worker"), n != "gateway")):

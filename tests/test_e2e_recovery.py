@@ -17,7 +17,7 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.conftest import running_stack
-from tests.helpers import assert_contiguous, params, wait_for, watch_all, watch_until
+from tests.helpers import assert_contiguous, params, read_rest, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ async def test_sigterm_worker_drains_hands_back_and_exits_zero(own: Stack, clien
     victim = own.services[victim_name]
     victim.send_signal(signal.SIGTERM)
     code = await asyncio.to_thread(victim.wait, 30)
-    events += [event async for event in stream]
+    events += await read_rest(stream, job.id)
 
     assert code == 0
     assert_contiguous(events)
@@ -187,7 +187,7 @@ async def test_scheduler_killed_mid_job_is_resumed_by_a_new_one(own: Stack, clie
 
     own.services["scheduler"].kill()
     own.start_service("scheduler", "services.scheduler")
-    events += [event async for event in stream]
+    events += await read_rest(stream, job.id)
 
     assert_contiguous(events)
     assert events[-1].type == pb.JOB_SUCCEEDED and events[-1].progress.done_chunks == 30

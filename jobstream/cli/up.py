@@ -188,6 +188,7 @@ class _Stack:
             "JOBSTREAM_KAFKA_BOOTSTRAP": self.settings.kafka_bootstrap,
             "JOBSTREAM_GATEWAY_LISTEN": self.settings.gateway_listen,
             "PYTHONUNBUFFERED": "1",
+            **(self.broker.client_env() if self.broker is not None else {}),
         }
         specs: list[tuple[str, dict[str, str]]] = [("scheduler", {}), ("gateway", {})]
         specs += [(f"worker-{i}", {"JOBSTREAM_WORKER_ID": f"worker-{i}"}) for i in range(1, self.workers + 1)]

@@ -92,6 +92,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def client_env(self) -> dict[str, str]:
+        """The environment services need to use this broker: where it is, and that group members
+        must not leave it explicitly (see `jobstream.kafka.leave_silently`)."""
+        return {"JOBSTREAM_KAFKA_BOOTSTRAP": self.bootstrap, "JOBSTREAM_KAFKA_LEAVE_GROUP": "false"}
+
     @property
     def pid(self) -> int | None:
         return self._child.pid if self._child.alive else None
