@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import KafkaError
 
 from jobstream.config import Settings
@@ -43,6 +48,7 @@ def make_group_consumer(
     settings: Settings, group: str, topics: Iterable[str], listener: ConsumerRebalanceListener | None = None
 ) -> AIOKafkaConsumer:
     """A member of a consumer group that commits offsets itself, after the work is recorded."""
+    consumer: AIOKafkaConsumer
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=settings.group(group),
@@ -55,9 +61,45 @@ def make_group_consumer(
         max_partition_fetch_bytes=8 * 1024 * 1024,
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         client_id=f"jobstream-{settings.worker_id}",
+        partition_assignment_strategy=(counted_round_robin(lambda: consumer._client.cluster),),
     )
     consumer.subscribe([settings.topic(t) for t in topics], listener=listener)
     return consumer
+
+
+def counted_round_robin(current: Callable[[], ClusterMetadata]) -> type[AbstractPartitionAssignor]:
+    """Round robin, with the partition counts of the subscribed topics in each member's metadata.
+
+    When a topic's partition count changes (a broker that came back empty re-creates topics that a
+    producer auto-created with the wrong count), the group leader joins again to assign the new
+    partitions. The embedded broker takes a new assignment only from a join whose metadata changed,
+    so without the counts in it the group would keep reading the old partitions alone.
+    """
+
+    class CountedRoundRobin(AbstractPartitionAssignor):  # type: ignore[misc]  # aiokafka ships no hints
+        name = "jobstream-roundrobin"
+        version = 0
+
+        @classmethod
+        def assign(
+            cls, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+        ) -> dict[str, ConsumerProtocolMemberAssignment]:
+            assignment: dict[str, ConsumerProtocolMemberAssignment] = RoundRobinPartitionAssignor.assign(
+                cluster, members
+            )
+            return assignment
+
+        @classmethod
+        def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+            subscribed = sorted(topics)
+            counts = {topic: len(current().partitions_for_topic(topic) or ()) for topic in subscribed}
+            return ConsumerProtocolMemberMetadata(cls.version, subscribed, json.dumps(counts).encode())
+
+        @classmethod
+        def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
+            pass
+
+    return CountedRoundRobin
 
 
 class GroupMember:

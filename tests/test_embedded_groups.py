@@ -1,7 +1,10 @@
-"""How the embedded broker's group coordinator treats a leader that goes away mid-rebalance.
+"""Where the embedded broker's group coordinator departs from Kafka's, with the group protocol
+spoken by hand so a test decides exactly when each member acts.
 
-These record a defect the services work around (`jobstream.kafka.leave_silently`): a broker upgrade
-that fixes it makes the first test fail, and the workaround can go.
+These record defects the services work around: a leader that leaves mid-rebalance strands the group
+(`jobstream.kafka.leave_silently`), and a formed group ignores a new assignment unless some member's
+metadata changed (`jobstream.kafka.counted_round_robin`). A broker upgrade that fixes one makes its
+test fail, and the workaround can go.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ GROUP = "probe"
 SESSION_MS = 6_000
 METADATA = ConsumerProtocolMemberMetadata(0, ["probe.topic"], b"").encode()
 ASSIGNMENT = ConsumerProtocolMemberAssignment(0, [("probe.topic", [0])], b"").encode()
+WIDER = ConsumerProtocolMemberAssignment(0, [("probe.topic", [0, 1])], b"").encode()
 
 
 @dataclass
@@ -43,15 +47,15 @@ def _error(code: int) -> type[Exception]:
 
 
 class Coordinator:
-    """Speaks the group protocol by hand, so a test decides exactly when each member acts."""
+    """One client speaking the group protocol for any number of members."""
 
     def __init__(self, client: AIOKafkaClient, node: int) -> None:
         self._client = client
         self._node = node
 
-    async def join(self, member_id: str = "") -> Joined:
+    async def join(self, member_id: str = "", metadata: bytes = METADATA) -> Joined:
         request = JoinGroupRequest(
-            GROUP, SESSION_MS, SESSION_MS, member_id, None, ConsumerProtocol.PROTOCOL_TYPE, [("range", METADATA)]
+            GROUP, SESSION_MS, SESSION_MS, member_id, None, ConsumerProtocol.PROTOCOL_TYPE, [("range", metadata)]
         )
         response = await self._client.send(self._node, request)
         return Joined(_error(response.error_code), response.member_id, response.generation_id, response.leader_id)
@@ -62,11 +66,15 @@ class Coordinator:
         assert joined.error is errors.MemberIdRequired and joined.member_id
         return joined.member_id
 
-    async def sync(self, joined: Joined) -> type[Exception]:
-        assignments = [(joined.member_id, ASSIGNMENT)] if joined.leader == joined.member_id else []
+    async def sync(self, joined: Joined, assignment: bytes = ASSIGNMENT) -> type[Exception]:
+        return (await self.sync_assignment(joined, assignment))[0]
+
+    async def sync_assignment(self, joined: Joined, assignment: bytes) -> tuple[type[Exception], bytes]:
+        """Syncs, the leader proposing `assignment` for itself; returns what the broker hands out."""
+        assignments = [(joined.member_id, assignment)] if joined.leader == joined.member_id else []
         request = SyncGroupRequest(GROUP, joined.generation, joined.member_id, None, assignments)
         response = await self._client.send(self._node, request)
-        return _error(response.error_code)
+        return _error(response.error_code), bytes(response.member_assignment)
 
     async def leave(self, member_id: str) -> type[Exception]:
         response = await self._client.send(self._node, LeaveGroupRequest(GROUP, member_id))
@@ -127,3 +135,17 @@ async def test_a_silent_leader_is_replaced_once_its_session_expires(coordinator:
     formed = await asyncio.wait_for(coordinator.form(b), 60)
 
     assert formed.leader == b != a
+
+
+async def test_a_formed_group_takes_a_new_assignment_only_from_changed_metadata(coordinator: Coordinator) -> None:
+    a = await coordinator.new_member()
+    await asyncio.wait_for(coordinator.form(a), 30)
+
+    # The leader joins again as it does when a topic grew, and assigns the new partition too.
+    same = await coordinator.join(a)
+    assert same.leader == a
+    assert await coordinator.sync_assignment(same, WIDER) == (errors.NoError, ASSIGNMENT)
+
+    changed = await coordinator.join(a, ConsumerProtocolMemberMetadata(0, ["probe.topic"], b"2").encode())
+    assert changed.generation > same.generation
+    assert await coordinator.sync_assignment(changed, WIDER) == (errors.NoError, WIDER)

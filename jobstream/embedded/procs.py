@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,10 +41,20 @@ _prctl = _load_prctl()
 _SETPRIV = shutil.which("setpriv")
 
 
-def _launch(argv: list[str], death_signal: signal.Signals) -> tuple[list[str], Callable[[], None] | None]:
+def _launch(argv: list[str], death_signal: signal.Signals, user: str | None) -> tuple[list[str], dict[str, Any]]:
+    """The argv and Popen arguments that start `argv` as `user` with the death signal set."""
+    uid, gid, groups = _user_ids(user)
     if _SETPRIV is not None:
-        return [_SETPRIV, "--pdeathsig", death_signal.name.removeprefix("SIG"), "--", *argv], None
-    return argv, _child_setup(death_signal, os.getpid())
+        # Switching users in setpriv too leaves Popen nothing to do in the child, so it can vfork:
+        # no fork handlers (gRPC registers some) run in a copy of this process.
+        ids = [] if uid is None else ["--reuid", str(uid), "--regid", str(gid), "--clear-groups"]
+        return [_SETPRIV, *ids, "--pdeathsig", death_signal.name.removeprefix("SIG"), "--", *argv], {}
+    return argv, {
+        "preexec_fn": _child_setup(death_signal, os.getpid()),
+        "user": uid,
+        "group": gid,
+        "extra_groups": groups,
+    }
 
 
 def _child_setup(death_signal: signal.Signals, parent_pid: int) -> Callable[[], None]:
@@ -150,12 +161,11 @@ class ChildProcess:
         if self.alive:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        uid, gid, groups = _user_ids(self.user)
         with self.log_path.open("ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"--- {stamp} starting {self.name}: {shlex.join(self.argv)}\n".encode())
             log.flush()
-            argv, preexec = _launch(self.argv, self.death_signal)
+            argv, extra = _launch(self.argv, self.death_signal, self.user)
             self._popen = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -164,10 +174,7 @@ class ChildProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=preexec,
-                user=uid,
-                group=gid,
-                extra_groups=groups,
+                **extra,
             )
 
     @property
