@@ -68,13 +68,19 @@ def make_group_consumer(
 
 
 def counted_round_robin(current: Callable[[], ClusterMetadata]) -> type[AbstractPartitionAssignor]:
-    """Round robin, with the partition counts of the subscribed topics in each member's metadata.
+    """Round robin, with partition counts in each member's metadata.
 
     When a topic's partition count changes (a broker that came back empty re-creates topics that a
     producer auto-created with the wrong count), the group leader joins again to assign the new
-    partitions. The embedded broker takes a new assignment only from a join whose metadata changed,
-    so without the counts in it the group would keep reading the old partitions alone.
+    partitions. The embedded broker takes a new assignment only from a join whose metadata changed.
+    So the metadata carries the counts this member sees now and the counts its last assignment was
+    computed from: the leader's join after a change differs from its previous one even when its
+    earlier join reported counts from a stale cache.
     """
+    assigned_with: dict[str, int] = {}
+
+    def counts(cluster: ClusterMetadata, topics: Iterable[str]) -> dict[str, int]:
+        return {topic: len(cluster.partitions_for_topic(topic) or ()) for topic in sorted(topics)}
 
     class CountedRoundRobin(AbstractPartitionAssignor):  # type: ignore[misc]  # aiokafka ships no hints
         name = "jobstream-roundrobin"
@@ -84,6 +90,9 @@ def counted_round_robin(current: Callable[[], ClusterMetadata]) -> type[Abstract
         def assign(
             cls, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
         ) -> dict[str, ConsumerProtocolMemberAssignment]:
+            topics = {topic for member in members.values() for topic in member.subscription}
+            assigned_with.clear()
+            assigned_with.update(counts(cluster, topics))
             assignment: dict[str, ConsumerProtocolMemberAssignment] = RoundRobinPartitionAssignor.assign(
                 cluster, members
             )
@@ -92,8 +101,8 @@ def counted_round_robin(current: Callable[[], ClusterMetadata]) -> type[Abstract
         @classmethod
         def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
             subscribed = sorted(topics)
-            counts = {topic: len(current().partitions_for_topic(topic) or ()) for topic in subscribed}
-            return ConsumerProtocolMemberMetadata(cls.version, subscribed, json.dumps(counts).encode())
+            seen = {"now": counts(current(), subscribed), "assigned": assigned_with}
+            return ConsumerProtocolMemberMetadata(cls.version, subscribed, json.dumps(seen).encode())
 
         @classmethod
         def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
