@@ -1,4 +1,4 @@
-"""Per-job overrides of a kind's retry policy, chunk timeout and deadline.
+"""Per-job overrides of a kind's retry policy, chunk timeout, deadline and partial results.
 
 Stored as JSON on the job row (only what the client set), resolved against the kind's defaults
 where they are used, so changing a kind's default changes every job that did not override it.
@@ -46,6 +46,8 @@ def options_from_proto(options: pb.JobOptions) -> dict[str, Any]:
     if options.deadline_seconds:
         _check("options.deadline_seconds", options.deadline_seconds, 0.001, MAX_DEADLINE_S)
         found["deadline_seconds"] = options.deadline_seconds
+    if options.allow_partial:
+        found["allow_partial"] = True
     return found
 
 
@@ -54,6 +56,7 @@ def options_to_proto(stored: dict[str, Any]) -> pb.JobOptions:
         retry=pb.RetryPolicy(**stored.get("retry", {})),
         chunk_timeout_seconds=stored.get("chunk_timeout_seconds", 0.0),
         deadline_seconds=stored.get("deadline_seconds", 0.0),
+        allow_partial=stored.get("allow_partial", False),
     )
 
 
@@ -69,6 +72,10 @@ def retry_policy(kind: JobKind, stored: dict[str, Any]) -> RetryPolicy:
 def chunk_timeout_s(kind: JobKind, stored: dict[str, Any]) -> float | None:
     value = stored.get("chunk_timeout_seconds") or kind.chunk_timeout_s
     return float(value) if value else None
+
+
+def allows_partial(kind: JobKind, stored: dict[str, Any]) -> bool:
+    return kind.allow_partial or bool(stored.get("allow_partial"))
 
 
 def _check(field: str, value: float, low: float, high: float) -> None:

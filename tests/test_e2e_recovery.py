@@ -106,6 +106,24 @@ async def test_exhausted_retries_fail_the_job_and_dead_letter_the_chunk(own: Sta
     assert "injected failure" in dead[0].error
 
 
+async def test_a_job_that_allows_partial_results_succeeds_without_its_lost_chunks(own: Stack, client: Client) -> None:
+    options = quick_retries(2)
+    options.allow_partial = True
+    job = await submit(client, options, chunks=5, ms=10, fail_chunks="1,3")
+
+    events = await watch_all(client, job.id)
+
+    assert_contiguous(events)
+    last = events[-1]
+    assert last.type == pb.JOB_SUCCEEDED and last.state == pb.SUCCEEDED
+    assert (last.progress.done_chunks, last.progress.failed_chunks, last.progress.total_chunks) == (3, 2, 5)
+    assert dict(last.result) == {"chunks": 3}
+    final = await client.GetJob(pb.GetJobRequest(job_id=job.id))
+    assert final.options.allow_partial and final.progress.failed_chunks == 2
+    dead = await _dead_letters(own, job.id)
+    assert sorted((d.chunk_index, d.attempt) for d in dead) == [(1, 2), (3, 2)]
+
+
 async def test_chunk_timeout_counts_as_a_failed_attempt(client: Client) -> None:
     options = quick_retries(2)
     options.chunk_timeout_seconds = 0.3

@@ -26,43 +26,43 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobstream/v1/jobstream.proto\x12\x0cjobstream.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x01\n\rSubmitRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05input\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12)\n\x07options\x18\x05 \x01(\x0b\x32\x18.jobstream.v1.JobOptions\"o\n\nJobOptions\x12(\n\x05retry\x18\x01 \x01(\x0b\x32\x19.jobstream.v1.RetryPolicy\x12\x1d\n\x15\x63hunk_timeout_seconds\x18\x02 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x03 \x01(\x01\"}\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x1f\n\x17initial_backoff_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13max_backoff_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x04 \x01(\x01\"0\n\x0eSubmitResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.jobstream.v1.Job\"\x83\x01\n\x08Progress\x12\x14\n\x0ctotal_chunks\x18\x01 \x01(\r\x12\x13\n\x0b\x64one_chunks\x18\x02 \x01(\r\x12\x15\n\rfailed_chunks\x18\x03 \x01(\r\x12\x0f\n\x07percent\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\"\xe7\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.jobstream.v1.JobState\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x16.jobstream.v1.Progress\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\n \x01(\x04\x12\'\n\x06params\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x63\x61ncel_requested\x18\x0c \x01(\x08\x12)\n\x07options\x18\r \x01(\x0b\x32\x18.jobstream.v1.JobOptions\x12,\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\xb8\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.jobstream.v1.EventType\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.jobstream.v1.JobState\x12(\n\x08progress\x18\x05 \x01(\x0b\x32\x16.jobstream.v1.Progress\x12\x0f\n\x07message\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\n \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\"/\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0e\x43\x61ncelResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.jobstream.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"m\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.jobstream.v1.JobState\x12\x0c\n\x04kind\x18\x04 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.jobstream.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05*\xd0\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nJOB_QUEUED\x10\x01\x12\x0f\n\x0bJOB_STARTED\x10\x02\x12\x10\n\x0cJOB_PROGRESS\x10\x03\x12\x10\n\x0c\x43HUNK_FAILED\x10\x04\x12\x12\n\x0e\x43HUNK_RETRYING\x10\x05\x12\x18\n\x14JOB_CANCEL_REQUESTED\x10\x06\x12\x11\n\rJOB_SUCCEEDED\x10\x07\x12\x0e\n\nJOB_FAILED\x10\x08\x12\x11\n\rJOB_CANCELLED\x10\t2\xda\x02\n\nJobService\x12\x43\n\x06Submit\x12\x1b.jobstream.v1.SubmitRequest\x1a\x1c.jobstream.v1.SubmitResponse\x12=\n\x05Watch\x12\x1a.jobstream.v1.WatchRequest\x1a\x16.jobstream.v1.JobEvent0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.jobstream.v1.CancelRequest\x1a\x1c.jobstream.v1.CancelResponse\x12\x38\n\x06GetJob\x12\x1b.jobstream.v1.GetJobRequest\x1a\x11.jobstream.v1.Job\x12I\n\x08ListJobs\x12\x1d.jobstream.v1.ListJobsRequest\x1a\x1e.jobstream.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobstream/v1/jobstream.proto\x12\x0cjobstream.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x01\n\rSubmitRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05input\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12)\n\x07options\x18\x05 \x01(\x0b\x32\x18.jobstream.v1.JobOptions\"\x86\x01\n\nJobOptions\x12(\n\x05retry\x18\x01 \x01(\x0b\x32\x19.jobstream.v1.RetryPolicy\x12\x1d\n\x15\x63hunk_timeout_seconds\x18\x02 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x03 \x01(\x01\x12\x15\n\rallow_partial\x18\x04 \x01(\x08\"}\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x1f\n\x17initial_backoff_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13max_backoff_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x04 \x01(\x01\"0\n\x0eSubmitResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.jobstream.v1.Job\"\x83\x01\n\x08Progress\x12\x14\n\x0ctotal_chunks\x18\x01 \x01(\r\x12\x13\n\x0b\x64one_chunks\x18\x02 \x01(\r\x12\x15\n\rfailed_chunks\x18\x03 \x01(\r\x12\x0f\n\x07percent\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\"\xe7\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.jobstream.v1.JobState\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x16.jobstream.v1.Progress\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\n \x01(\x04\x12\'\n\x06params\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x63\x61ncel_requested\x18\x0c \x01(\x08\x12)\n\x07options\x18\r \x01(\x0b\x32\x18.jobstream.v1.JobOptions\x12,\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\xb8\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.jobstream.v1.EventType\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.jobstream.v1.JobState\x12(\n\x08progress\x18\x05 \x01(\x0b\x32\x16.jobstream.v1.Progress\x12\x0f\n\x07message\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\n \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\"/\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0e\x43\x61ncelResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.jobstream.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"m\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.jobstream.v1.JobState\x12\x0c\n\x04kind\x18\x04 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.jobstream.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05*\xd0\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nJOB_QUEUED\x10\x01\x12\x0f\n\x0bJOB_STARTED\x10\x02\x12\x10\n\x0cJOB_PROGRESS\x10\x03\x12\x10\n\x0c\x43HUNK_FAILED\x10\x04\x12\x12\n\x0e\x43HUNK_RETRYING\x10\x05\x12\x18\n\x14JOB_CANCEL_REQUESTED\x10\x06\x12\x11\n\rJOB_SUCCEEDED\x10\x07\x12\x0e\n\nJOB_FAILED\x10\x08\x12\x11\n\rJOB_CANCELLED\x10\t2\xda\x02\n\nJobService\x12\x43\n\x06Submit\x12\x1b.jobstream.v1.SubmitRequest\x1a\x1c.jobstream.v1.SubmitResponse\x12=\n\x05Watch\x12\x1a.jobstream.v1.WatchRequest\x1a\x16.jobstream.v1.JobEvent0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.jobstream.v1.CancelRequest\x1a\x1c.jobstream.v1.CancelResponse\x12\x38\n\x06GetJob\x12\x1b.jobstream.v1.GetJobRequest\x1a\x11.jobstream.v1.Job\x12I\n\x08ListJobs\x12\x1d.jobstream.v1.ListJobsRequest\x1a\x1e.jobstream.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobstream.v1.jobstream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1866
-  _globals['_JOBSTATE']._serialized_end=1970
-  _globals['_EVENTTYPE']._serialized_start=1973
-  _globals['_EVENTTYPE']._serialized_end=2181
+  _globals['_JOBSTATE']._serialized_start=1890
+  _globals['_JOBSTATE']._serialized_end=1994
+  _globals['_EVENTTYPE']._serialized_start=1997
+  _globals['_EVENTTYPE']._serialized_end=2205
   _globals['_SUBMITREQUEST']._serialized_start=110
   _globals['_SUBMITREQUEST']._serialized_end=263
-  _globals['_JOBOPTIONS']._serialized_start=265
-  _globals['_JOBOPTIONS']._serialized_end=376
-  _globals['_RETRYPOLICY']._serialized_start=378
-  _globals['_RETRYPOLICY']._serialized_end=503
-  _globals['_SUBMITRESPONSE']._serialized_start=505
-  _globals['_SUBMITRESPONSE']._serialized_end=553
-  _globals['_PROGRESS']._serialized_start=556
-  _globals['_PROGRESS']._serialized_end=687
-  _globals['_JOB']._serialized_start=690
-  _globals['_JOB']._serialized_end=1177
-  _globals['_WATCHREQUEST']._serialized_start=1179
-  _globals['_WATCHREQUEST']._serialized_end=1228
-  _globals['_JOBEVENT']._serialized_start=1231
-  _globals['_JOBEVENT']._serialized_end=1543
-  _globals['_CANCELREQUEST']._serialized_start=1545
-  _globals['_CANCELREQUEST']._serialized_end=1592
-  _globals['_CANCELRESPONSE']._serialized_start=1594
-  _globals['_CANCELRESPONSE']._serialized_end=1642
-  _globals['_GETJOBREQUEST']._serialized_start=1644
-  _globals['_GETJOBREQUEST']._serialized_end=1675
-  _globals['_LISTJOBSREQUEST']._serialized_start=1677
-  _globals['_LISTJOBSREQUEST']._serialized_end=1786
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1788
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1864
-  _globals['_JOBSERVICE']._serialized_start=2184
-  _globals['_JOBSERVICE']._serialized_end=2530
+  _globals['_JOBOPTIONS']._serialized_start=266
+  _globals['_JOBOPTIONS']._serialized_end=400
+  _globals['_RETRYPOLICY']._serialized_start=402
+  _globals['_RETRYPOLICY']._serialized_end=527
+  _globals['_SUBMITRESPONSE']._serialized_start=529
+  _globals['_SUBMITRESPONSE']._serialized_end=577
+  _globals['_PROGRESS']._serialized_start=580
+  _globals['_PROGRESS']._serialized_end=711
+  _globals['_JOB']._serialized_start=714
+  _globals['_JOB']._serialized_end=1201
+  _globals['_WATCHREQUEST']._serialized_start=1203
+  _globals['_WATCHREQUEST']._serialized_end=1252
+  _globals['_JOBEVENT']._serialized_start=1255
+  _globals['_JOBEVENT']._serialized_end=1567
+  _globals['_CANCELREQUEST']._serialized_start=1569
+  _globals['_CANCELREQUEST']._serialized_end=1616
+  _globals['_CANCELRESPONSE']._serialized_start=1618
+  _globals['_CANCELRESPONSE']._serialized_end=1666
+  _globals['_GETJOBREQUEST']._serialized_start=1668
+  _globals['_GETJOBREQUEST']._serialized_end=1699
+  _globals['_LISTJOBSREQUEST']._serialized_start=1701
+  _globals['_LISTJOBSREQUEST']._serialized_end=1810
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1812
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1888
+  _globals['_JOBSERVICE']._serialized_start=2208
+  _globals['_JOBSERVICE']._serialized_end=2554
 # @@protoc_insertion_point(module_scope)

@@ -136,10 +136,15 @@ class JobOptions(_message.Message):
     RETRY_FIELD_NUMBER: _builtins.int
     CHUNK_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    ALLOW_PARTIAL_FIELD_NUMBER: _builtins.int
     chunk_timeout_seconds: _builtins.float
     """A chunk attempt running longer than this fails (and may be retried). 0 = the kind's default."""
     deadline_seconds: _builtins.float
     """The job must finish within this many seconds of Submit, or it ends FAILED. 0 = no deadline."""
+    allow_partial: _builtins.bool
+    """A chunk that exhausts its retries does not fail the job: it SUCCEEDS with the results of the
+    other chunks and counts the lost ones in failed_chunks. false = the kind's default.
+    """
     @_builtins.property
     def retry(self) -> Global___RetryPolicy: ...
     def __init__(
@@ -148,10 +153,11 @@ class JobOptions(_message.Message):
         retry: Global___RetryPolicy | None = ...,
         chunk_timeout_seconds: _builtins.float = ...,
         deadline_seconds: _builtins.float = ...,
+        allow_partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_timeout_seconds", b"chunk_timeout_seconds", "deadline_seconds", b"deadline_seconds", "retry", b"retry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial", b"allow_partial", "chunk_timeout_seconds", b"chunk_timeout_seconds", "deadline_seconds", b"deadline_seconds", "retry", b"retry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

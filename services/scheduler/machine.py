@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobstream.bus.v1 import bus_pb2
 from jobstream.events import dumps, now_timestamp, to_struct
-from jobstream.job_options import chunk_timeout_s, retry_policy
+from jobstream.job_options import allows_partial, chunk_timeout_s, retry_policy
 from jobstream.kinds import JobKind, get_kind
 from jobstream.progress import ProgressTracker
 from jobstream.states import JobState
@@ -267,7 +267,7 @@ class JobMachine:
         out.dead.append(job.kind)
         job.failed_chunks += 1
         job.changed = True
-        if not get_kind(job.kind).allow_partial:
+        if not allows_partial(get_kind(job.kind), job.options):
             left = "it cannot succeed" if report.permanent else f"{failures} failed attempts, no retry left"
             await self._end(conn, job, JobState.FAILED, out, error=f"{error} ({left})")
         return True
