@@ -6,7 +6,7 @@ import logging
 from importlib import resources
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from jobstream.config import Settings
 
@@ -14,6 +14,11 @@ log = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same for every process applying migrations.
 _MIGRATION_LOCK = 0x6A6F6273
+
+
+# Errors that mean Postgres cannot be reached right now, rather than a fault in what was asked of it:
+# a loop that meets one waits and replays its input instead of dying.
+DATABASE_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
 
 
 async def open_pool(settings: Settings, *, name: str, min_size: int = 1) -> AsyncConnectionPool:
@@ -24,6 +29,9 @@ async def open_pool(settings: Settings, *, name: str, min_size: int = 1) -> Asyn
         max_size=max(min_size, settings.db_pool_max),
         name=name,
         kwargs={"autocommit": True, "application_name": f"jobstream-{name}"},
+        # A connection that died with the server (a restart, a failover) is replaced when taken,
+        # instead of failing the first statement that uses it.
+        check=AsyncConnectionPool.check_connection,
         open=False,
     )
     await pool.open(wait=True, timeout=30)

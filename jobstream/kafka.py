@@ -181,6 +181,21 @@ def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
+async def rewind_to_committed(consumer: AIOKafkaConsumer) -> None:
+    """Moves every assigned partition back to its committed offset, so what was read since the last
+    commit (and not recorded) is read again."""
+    for tp in consumer.assignment():
+        try:
+            committed = await consumer.committed(tp)
+        except KafkaError as err:
+            log.warning("reading the committed offset of %s failed: %s", tp, err)
+            continue
+        if committed is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, committed)
+
+
 async def assign_all_from_end(consumer: AIOKafkaConsumer, topic: str) -> None:
     """Reads every partition of a topic from now on, waiting for the topic to exist.
 

@@ -22,7 +22,8 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from jobstream.kafka import GroupMember
+from jobstream.db import DATABASE_UNAVAILABLE
+from jobstream.kafka import GroupMember, rewind_to_committed
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
 from services.scheduler.reconcile import Reconciler
@@ -30,6 +31,7 @@ from services.scheduler.reconcile import Reconciler
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000
+DATABASE_RETRY_SECONDS = 1.0
 MAX_IDLE_WAIT_MS = 200
 SWEEP_SECONDS = 1.0
 BROKER_CHECK_SECONDS = 2.0
@@ -77,19 +79,38 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            batch = await self._consumer().getmany(timeout_ms=self._wait_ms(), max_records=MAX_BATCH)
-            records = [r for rs in batch.values() for r in rs]
-            work = self._collect(records)
-            self._add_due(work)
-            await self._add_reconciled(work)
-            if work:
-                await self._process(work)
-            if records:
-                try:
-                    await self._consumer().commit()
-                except CommitFailedError as err:
-                    # The partitions moved while we worked; the new owner replays them idempotently.
-                    log.warning("offset commit refused after a rebalance: %s", err)
+            try:
+                await self._step()
+            except DATABASE_UNAVAILABLE as err:
+                log.warning("Postgres unavailable (%s); replaying from the committed offsets when it answers", err)
+                await self._start_over()
+                await asyncio.sleep(DATABASE_RETRY_SECONDS)
+
+    async def _step(self) -> None:
+        batch = await self._consumer().getmany(timeout_ms=self._wait_ms(), max_records=MAX_BATCH)
+        records = [r for rs in batch.values() for r in rs]
+        work = self._collect(records)
+        self._add_due(work)
+        await self._add_reconciled(work)
+        if work:
+            await self._process(work)
+        if records:
+            try:
+                await self._consumer().commit()
+            except CommitFailedError as err:
+                # The partitions moved while we worked; the new owner replays them idempotently.
+                log.warning("offset commit refused after a rebalance: %s", err)
+
+    async def _start_over(self) -> None:
+        """Forgets what a failed batch did, as a scheduler taking over these partitions would.
+
+        The batch's transaction rolled back, so its messages are read again from the committed
+        offsets, and every owned job is reconciled from Postgres (which also brings back retries,
+        progress flushes and lease checks that were due in the lost batch).
+        """
+        await rewind_to_committed(self._consumer())
+        self._machine = JobMachine(self._settings.progress_interval_ms / 1000)
+        self._ownership.newly_assigned |= set(self.owned_partitions())
 
     def _consumer(self) -> AIOKafkaConsumer:
         return self._member.consumer

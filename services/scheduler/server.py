@@ -31,22 +31,30 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         asyncio.create_task(scheduler.track_jobs()),
         asyncio.create_task(track_lag(lambda: member.consumer, settings.group("scheduler"))),
     ]
+    try:
+        await _run_until_stopped(scheduler, stop)
+    finally:
+        for each in background:
+            each.cancel()
+        await ops.stop()
+        await member.stop()
+        await producer.stop()
+        await pool.close()
+    log.info("scheduler stopped")
+
+
+async def _run_until_stopped(scheduler: Scheduler, stop: asyncio.Event) -> None:
     task = asyncio.create_task(scheduler.run(stop))
     stopped = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()  # the loop only ends on its own by raising
-    else:
+    try:
+        done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # the loop only ends on its own by raising
+            return
         # The loop checks `stop` between batches; give the current batch time to finish.
         try:
             await asyncio.wait_for(task, timeout=10)
         except TimeoutError:
             log.warning("scheduler batch did not finish in time; it will be replayed")
-    stopped.cancel()
-    for each in background:
-        each.cancel()
-    await ops.stop()
-    await member.stop()
-    await producer.stop()
-    await pool.close()
-    log.info("scheduler stopped")
+    finally:
+        stopped.cancel()

@@ -20,8 +20,14 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from jobstream.db import broker_epoch
-from jobstream.kafka import GroupMember, assign_all_from_end, follow_partition_changes, make_broadcast_consumer
+from jobstream.db import DATABASE_UNAVAILABLE, broker_epoch
+from jobstream.kafka import (
+    GroupMember,
+    assign_all_from_end,
+    follow_partition_changes,
+    make_broadcast_consumer,
+    rewind_to_committed,
+)
 from services.worker import claims, metrics
 from services.worker.runner import ChunkRun
 
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # A job seen cancelled is remembered this long, so its late-arriving tasks are dropped unclaimed.
 CANCELLED_MEMORY_SECONDS = 3600.0
+DATABASE_RETRY_SECONDS = 1.0
 
 
 class Worker:
@@ -93,7 +100,14 @@ class Worker:
             if not tasks:
                 continue
             wanted = [t for t in tasks if t.job_id not in self._cancelled]
-            held = await claims.claim(self._pool, wanted, self._settings.worker_id, self._settings.lease_seconds)
+            try:
+                held = await claims.claim(self._pool, wanted, self._settings.worker_id, self._settings.lease_seconds)
+            except DATABASE_UNAVAILABLE as err:
+                # Unclaimed, the tasks are still Kafka's: read them again once Postgres answers.
+                log.warning("claiming %d chunks failed, Postgres unavailable: %s", len(wanted), err)
+                await rewind_to_committed(self._member.consumer)
+                await asyncio.sleep(DATABASE_RETRY_SECONDS)
+                continue
             with contextlib.suppress(KafkaError):
                 await self._member.consumer.commit()
             for task in wanted:
