@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from jobstream.config import Settings
 from jobstream.errors import InvalidArgument, ResourceExhausted
@@ -29,6 +29,13 @@ MAX_IDEMPOTENCY_KEY = 200
 MAX_REASON = 1000
 # Until API keys exist every caller is this tenant; every query is already scoped by tenant.
 DEFAULT_TENANT = "default"
+
+
+def _params_json(params: struct_pb2.Struct) -> dict[str, Any]:
+    try:
+        return json_format.MessageToDict(params)
+    except ValueError as err:  # NaN and Infinity have no JSON form
+        raise InvalidArgument(f"params: every number must be finite ({err})", field="params") from None
 
 
 class JobService(pb_grpc.JobServiceServicer):
@@ -58,7 +65,7 @@ class JobService(pb_grpc.JobServiceServicer):
             raise ResourceExhausted(f"input: {len(request.input)} bytes is over the limit of {limit} bytes")
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY} characters", field="idempotency_key")
-        params = kind.params.validate(json_format.MessageToDict(request.params))
+        params = kind.params.validate(_params_json(request.params))
         kind.validate_input(params, request.input)
         chunks = kind.count_chunks(params, request.input)
         if chunks > self._settings.max_chunks_per_job:

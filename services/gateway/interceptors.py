@@ -10,9 +10,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from jobstream import errors
 from services.gateway.metrics import GRPC_LATENCY, GRPC_REQUESTS
@@ -22,6 +24,19 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 Unary = Callable[[Any, Context], Awaitable[Any]]
 Stream = Callable[[Any, Context], AsyncIterator[Any]]
+Deserializer = Callable[[bytes], Any]
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes are not the message the method takes.
+
+    gRPC answers a deserializer that raises with UNKNOWN; handing the handler this instead lets the
+    call end with INVALID_ARGUMENT and a message that says what was wrong.
+    """
+
+    message: str
+
 
 STATUS_OF: dict[type[errors.JobstreamError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,6 +65,9 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def wrap_stream(self, method: str, inner: Stream) -> Stream:
         return inner
 
+    def wrap_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
+        return deserializer
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -63,19 +81,40 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self.wrap_unary(method, handler.unary_unary),
-                handler.request_deserializer,
+                self.wrap_deserializer(handler.request_deserializer),
                 handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self.wrap_stream(method, handler.unary_stream),
-                handler.request_deserializer,
+                self.wrap_deserializer(handler.request_deserializer),
                 handler.response_serializer,
             )
         return handler
 
 
+def _decode_safely(deserializer: Deserializer) -> Deserializer:
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = descriptor.full_name if descriptor is not None else "protobuf message"
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as err:
+            return Undecodable(f"request: not a valid {name} ({err})")
+
+    return decode
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise errors.InvalidArgument(request.message, field="request")
+
+
 class ErrorMappingInterceptor(WrappingInterceptor):
+    def wrap_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
+        return None if deserializer is None else _decode_safely(deserializer)
+
     @staticmethod
     async def _abort(context: Context, err: errors.JobstreamError) -> None:
         if isinstance(err, errors.ResourceExhausted) and err.retry_after_seconds is not None:
@@ -85,6 +124,7 @@ class ErrorMappingInterceptor(WrappingInterceptor):
     def wrap_unary(self, method: str, inner: Unary) -> Unary:
         async def unary(request: Any, context: Context) -> Any:
             try:
+                _refuse_undecodable(request)
                 return await inner(request, context)
             except errors.JobstreamError as err:
                 await self._abort(context, err)
@@ -97,6 +137,7 @@ class ErrorMappingInterceptor(WrappingInterceptor):
     def wrap_stream(self, method: str, inner: Stream) -> Stream:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
+                _refuse_undecodable(request)
                 async for item in inner(request, context):
                     yield item
             except errors.JobstreamError as err:
