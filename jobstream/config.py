@@ -45,6 +45,12 @@ class Settings:
     gateway_listen: str = "127.0.0.1:50051"
     max_input_bytes: int = 16 * 1024 * 1024
     max_chunks_per_job: int = 100_000
+    # Per-tenant quotas (0 = none). The submit rate and the Watch streams are counted per gateway,
+    # the unfinished jobs across all of them.
+    tenant_submit_rate: float = 1000.0
+    tenant_submit_burst: int = 2000
+    tenant_max_unfinished_jobs: int = 100_000
+    tenant_max_watch_streams: int = 10_000
 
     # Scheduler.
     progress_interval_ms: int = 200

@@ -52,6 +52,32 @@ async def stack(stack_root: Path) -> AsyncIterator[Stack]:
         yield stack
 
 
+@contextlib.asynccontextmanager
+async def client_of(stack: Stack) -> AsyncIterator[Client]:
+    """A client of the stack's gateway, for modules that run a stack of their own."""
+    async with grpc.aio.insecure_channel(stack.gateway_addr) as channel:
+        yield pb_grpc.JobServiceStub(channel)
+
+
+@contextlib.asynccontextmanager
+async def db_of(stack: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+    async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+async def own_client(own: Stack) -> AsyncIterator[Client]:
+    """A client of the module's own stack (the module defines an `own` fixture)."""
+    async with client_of(own) as client:
+        yield client
+
+
+@pytest.fixture
+async def own_db(own: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+    async with db_of(own) as conn:
+        yield conn
+
+
 @pytest.fixture(scope="session")
 async def channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(stack.gateway_addr) as channel:

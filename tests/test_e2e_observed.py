@@ -23,8 +23,7 @@ import pytest
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import ChildProcess
 from jobstream.v1 import jobstream_pb2 as pb
-from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
-from tests.conftest import running_stack
+from tests.conftest import client_of, running_stack
 from tests.helpers import params, wait_for, watch_all
 from tests.stack import REPO, Stack
 
@@ -57,8 +56,8 @@ async def ready(own: Stack) -> Stack:
 
 @pytest.fixture
 async def client(ready: Stack) -> AsyncIterator[Client]:
-    async with grpc.aio.insecure_channel(ready.gateway_addr) as channel:
-        yield pb_grpc.JobServiceStub(channel)
+    async with client_of(ready) as client:
+        yield client
 
 
 # ---------------------------------------------------------------- the dashboard on a real Prometheus

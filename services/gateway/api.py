@@ -18,6 +18,7 @@ from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from services.gateway.convert import job_to_proto
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.outbox import OutboxRelay
+from services.gateway.quotas import Quotas
 from services.gateway.store import JobStore, NewJob, parse_job_id
 from services.gateway.watch import UpdatesHub, watch_events
 
@@ -39,17 +40,22 @@ def _params_json(params: struct_pb2.Struct) -> dict[str, Any]:
 
 
 class JobService(pb_grpc.JobServiceServicer):
-    def __init__(self, settings: Settings, store: JobStore, relay: OutboxRelay, hub: UpdatesHub) -> None:
+    def __init__(
+        self, settings: Settings, store: JobStore, relay: OutboxRelay, hub: UpdatesHub, quotas: Quotas
+    ) -> None:
         self._settings = settings
         self._store = store
         self._relay = relay
         self._hub = hub
+        self._quotas = quotas
 
     def _tenant(self, context: Context) -> str:
         return DEFAULT_TENANT
 
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
-        job = self._validate_submit(request, self._tenant(context))
+        tenant = self._tenant(context)
+        self._quotas.admit_submit(tenant)
+        job = self._validate_submit(request, tenant)
         row, created = await self._store.create(job)
         if created:
             self._relay.wake()
@@ -105,7 +111,8 @@ class JobService(pb_grpc.JobServiceServicer):
 
     async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
         job_id = parse_job_id(request.job_id)
-        job = await self._store.get(self._tenant(context), job_id)
+        tenant = self._tenant(context)
+        job = await self._store.get(tenant, job_id)
         if request.after_seq > job["last_seq"]:
             raise InvalidArgument(
                 f"after_seq: {request.after_seq} is past the job's last event ({job['last_seq']})",
@@ -113,5 +120,6 @@ class JobService(pb_grpc.JobServiceServicer):
             )
         if request.after_seq == job["last_seq"] and JobState(job["state"]).terminal:
             return  # the client already saw the terminal event
-        async for event in watch_events(self._hub, self._store, job_id, request.after_seq):
-            yield event
+        with self._quotas.watch_stream(tenant):
+            async for event in watch_events(self._hub, self._store, job_id, request.after_seq):
+                yield event

@@ -20,6 +20,7 @@ from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from services.gateway.api import JobService
 from services.gateway.interceptors import ErrorMappingInterceptor, MetricsInterceptor
 from services.gateway.outbox import OutboxRelay
+from services.gateway.quotas import Quotas
 from services.gateway.store import JobStore
 from services.gateway.watch import UpdatesHub
 
@@ -45,7 +46,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     pool = await open_pool(settings, name="gateway", min_size=2)
     producer = make_producer(settings)
     await producer.start()
-    store = JobStore(pool, settings.job_partitions)
+    store = JobStore(pool, settings.job_partitions, settings.tenant_max_unfinished_jobs)
     relay = OutboxRelay(settings, pool, producer)
     hub = UpdatesHub(settings, store)
     await hub.start()
@@ -57,7 +58,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await ops.start()
 
     server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor()], options=SERVER_OPTIONS)
-    pb_grpc.add_JobServiceServicer_to_server(JobService(settings, store, relay, hub), server)
+    pb_grpc.add_JobServiceServicer_to_server(JobService(settings, store, relay, hub, Quotas(settings)), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
-from jobstream.errors import AlreadyExists, InvalidArgument, NotFound
+from jobstream.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from jobstream.events import dumps, now_timestamp
 from jobstream.states import ChunkState, JobState
 from jobstream.topics import partition_of
@@ -59,9 +59,10 @@ def parse_job_id(raw: str) -> uuid.UUID:
 
 
 class JobStore:
-    def __init__(self, pool: AsyncConnectionPool, job_partitions: int) -> None:
+    def __init__(self, pool: AsyncConnectionPool, job_partitions: int, max_unfinished: int = 0) -> None:
         self._pool = pool
         self._partitions = job_partitions
+        self._max_unfinished = max_unfinished  # per tenant; 0 = no limit
 
     async def create(self, job: NewJob) -> tuple[JobRow, bool]:
         """Stores the job with its first event and its outbox message; returns (row, created).
@@ -109,6 +110,7 @@ class JobStore:
             row = await cur.fetchone()
             if row is None:
                 return await self._existing(cur, job.tenant_id, key, request_hash), False
+            await self._check_unfinished(cur, job.tenant_id)
             if job.data:
                 await cur.execute("INSERT INTO job_inputs (job_id, data) VALUES (%s, %s)", (job_id, job.data))
             await cur.execute(
@@ -120,6 +122,23 @@ class JobStore:
                 (topics.SUBMITTED, str(job_id).encode(), submitted.SerializeToString()),
             )
         return row, True
+
+    async def _check_unfinished(self, cur: Any, tenant_id: str) -> None:
+        """Refuses the job just inserted (its transaction rolls back) if it takes the tenant over
+        its quota of jobs queued or running at once."""
+        if self._max_unfinished <= 0:
+            return
+        await cur.execute(
+            "SELECT count(*) AS n FROM jobs WHERE tenant_id = %s AND state IN (%s, %s)",
+            (tenant_id, JobState.QUEUED, JobState.RUNNING),
+        )
+        row = await cur.fetchone()
+        if row is not None and row["n"] > self._max_unfinished:
+            raise ResourceExhausted(
+                f"tenant {tenant_id}: {self._max_unfinished} jobs are queued or running, the most allowed;"
+                " retry when one finishes",
+                retry_after_seconds=1.0,
+            )
 
     async def _existing(self, cur: Any, tenant_id: str, key: str | None, request_hash: bytes) -> JobRow:
         await cur.execute(
