@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from jobstream.db import DATABASE_UNAVAILABLE
+from jobstream.db import DATABASE_UNAVAILABLE, retry_conflicts
 from jobstream.kafka import GroupMember, rewind_to_committed
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
@@ -185,13 +185,7 @@ class Scheduler:
                     into.cancel_reason = found.cancel_reason
 
     async def _process(self, work: dict[uuid.UUID, JobWork]) -> None:
-        out = Outbound()
-        async with self._pool.connection() as conn, conn.transaction():
-            jobs = await store.lock_jobs(conn, list(work))
-            for job in jobs:
-                await self._machine.apply(conn, job, work[job.id], out)
-            await store.save_jobs(conn, jobs)
-            await store.insert_events(conn, [(uuid.UUID(e.job_id), e.seq, e.SerializeToString()) for e in out.events])
+        out = await retry_conflicts(lambda: self._record(work), "scheduler batch")
         for entry in out.retry_at:
             heapq.heappush(self._retries, entry)
         for kind, state, seconds in out.finished:
@@ -202,6 +196,17 @@ class Scheduler:
         for kind in out.dead:
             metrics.DEAD_LETTERS.labels(kind=kind).inc()
         await self._publish(out)
+
+    async def _record(self, work: dict[uuid.UUID, JobWork]) -> Outbound:
+        """One transaction over the jobs of the batch; what to publish once it committed."""
+        out = Outbound()
+        async with self._pool.connection() as conn, conn.transaction():
+            jobs = await store.lock_jobs(conn, list(work))
+            for job in jobs:
+                await self._machine.apply(conn, job, work[job.id], out)
+            await store.save_jobs(conn, jobs)
+            await store.insert_events(conn, [(uuid.UUID(e.job_id), e.seq, e.SerializeToString()) for e in out.events])
+        return out
 
     def owned_partitions(self) -> list[int]:
         """The job partitions this scheduler owns now: its jobs are the ones on them."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream.bus.v1 import bus_pb2
+from jobstream.db import retry_conflicts
 from jobstream.states import ChunkState, JobState
 
 ChunkKey = tuple[str, int]
@@ -25,24 +26,36 @@ async def claim(
     """Claims what it can of `tasks` in one statement; returns the (job_id, idx) it now holds."""
     if not tasks:
         return set()
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "UPDATE chunks c SET state = %s, worker_id = %s, claimed_at = now(), claims = claims + 1,"
-            " lease_expires_at = now() + make_interval(secs => %s)"
-            " FROM unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
-            " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt AND c.state = %s"
-            " RETURNING c.job_id, c.idx",
-            (
-                ChunkState.RUNNING,
-                worker_id,
-                lease_s,
-                [uuid.UUID(t.job_id) for t in tasks],
-                [t.chunk_index for t in tasks],
-                [t.attempt for t in tasks],
-                ChunkState.PENDING,
-            ),
-        )
-        return {(str(job_id), idx) for job_id, idx in await cur.fetchall()}
+    ordered = sorted(tasks, key=lambda t: (uuid.UUID(t.job_id), t.chunk_index))
+
+    async def attempt() -> set[ChunkKey]:
+        async with pool.connection() as conn:
+            # Rows are locked in (job, chunk) order, the order the scheduler writes them in, so the
+            # two rarely wait on each other in a cycle; when they do, Postgres aborts one and it runs again.
+            cur = await conn.execute(
+                "WITH wanted AS ("
+                "  SELECT c.job_id, c.idx FROM chunks c"
+                "  JOIN unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
+                "    ON c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt"
+                "  WHERE c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c)"
+                " UPDATE chunks c SET state = %s, worker_id = %s, claimed_at = now(), claims = claims + 1,"
+                " lease_expires_at = now() + make_interval(secs => %s)"
+                " FROM wanted w WHERE c.job_id = w.job_id AND c.idx = w.idx AND c.state = %s"
+                " RETURNING c.job_id, c.idx",
+                (
+                    [uuid.UUID(t.job_id) for t in ordered],
+                    [t.chunk_index for t in ordered],
+                    [t.attempt for t in ordered],
+                    ChunkState.PENDING,
+                    ChunkState.RUNNING,
+                    worker_id,
+                    lease_s,
+                    ChunkState.PENDING,
+                ),
+            )
+            return {(str(job_id), idx) for job_id, idx in await cur.fetchall()}
+
+    return await retry_conflicts(attempt, "claiming chunks")
 
 
 async def heartbeat(
