@@ -29,8 +29,8 @@ proto-check: venv
 	$(PY) -m jobstream.tools.protogen --check .
 
 lint: proto-check
-	$(VENV)/bin/ruff check jobstream services tests deploy
-	$(VENV)/bin/ruff format --check jobstream services tests deploy
+	$(VENV)/bin/ruff check jobstream services tests deploy bench
+	$(VENV)/bin/ruff format --check jobstream services tests deploy bench
 	$(VENV)/bin/mypy
 
 test: lint deploy-tools

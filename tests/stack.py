@@ -16,7 +16,7 @@ from jobstream.db import apply_schema
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.postgres import EmbeddedPostgres
-from jobstream.embedded.procs import ChildProcess
+from jobstream.embedded.procs import ChildProcess, log_tails, stop_services
 from jobstream.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,15 +89,9 @@ class Stack:
                 raise RuntimeError(f"gateway not ready after {within}s\n{self.log_tails()}") from None
 
     def log_tails(self, lines: int = 40) -> str:
-        parts = [
-            f"== {name} (pid {proc.pid}, alive {proc.alive})\n{proc.log_tail(lines)}"
-            for name, proc in self.services.items()
-        ]
-        parts.append(f"== broker\n{self.broker.log_tail(lines)}")
-        return "\n".join(parts)
+        return log_tails({**self.services, "broker": self.broker}, lines)
 
     def stop(self) -> None:
-        for name in sorted(self.services, key=lambda n: (not n.startswith("worker"), n != "gateway")):
-            self.services[name].terminate(timeout=20)
+        stop_services(self.services)
         self.broker.stop()
         self.postgres.stop()

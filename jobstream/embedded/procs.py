@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 _PR_SET_PDEATHSIG = 1
 
@@ -241,3 +241,25 @@ class ChildProcess:
         except FileNotFoundError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_services(services: Mapping[str, ChildProcess], timeout: float = 20) -> None:
+    """Stops jobstream services in the order that loses least: workers first (they hand their chunks
+    back), then gateways, then schedulers (which record the hand-backs)."""
+    for name in sorted(services, key=lambda n: (not n.startswith("worker"), not n.startswith("gateway"))):
+        services[name].terminate(timeout=timeout)
+
+
+class Logged(Protocol):
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def alive(self) -> bool: ...
+    def log_tail(self, lines: int = 30) -> str: ...
+
+
+def log_tails(processes: Mapping[str, Logged], lines: int = 40) -> str:
+    """The end of every process's log, each under its name, pid and whether it still runs."""
+    return "\n".join(
+        f"== {name} (pid {proc.pid}, alive {proc.alive})\n{proc.log_tail(lines)}" for name, proc in processes.items()
+    )

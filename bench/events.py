@@ -1,0 +1,53 @@
+"""Scenario 4: event latency, from a worker reporting progress to a Watch client receiving it, at
+about `event_rate` events per second.
+
+Each job runs one demo.sleep chunk that reports every 250 ms, and the scheduler passes on at most
+one progress event per job per 200 ms, so each job yields about 4 events a second and the rate
+comes from running rate/4 jobs at once. A progress event carries the time of the worker report
+behind it, so its age on arrival is the latency asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench.client import Stub, channel, event_age, submit, watch_to_end
+from bench.client import stub as make_stub
+from bench.sizes import Sizes
+from bench.stack import BenchStack
+from bench.stats import Run, latencies_ms
+from jobstream.v1 import jobstream_pb2 as pb
+
+EVENTS_PER_JOB_PER_S = 4
+STEP_MS = 250
+
+
+async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
+    jobs = max(1, sizes.event_rate // EVENTS_PER_JOB_PER_S)
+    # demo.sleep takes at most 20 steps of 250 ms; longer windows need more jobs one after another.
+    ms = min(int(sizes.event_seconds * 1000), 20 * STEP_MS)
+    runs = []
+    async with channel(stack.gateway_addr) as ch:
+        stub = make_stub(ch)
+        for _ in range(repeat):
+            runs.append(await _one(stub, jobs, ms))
+            await asyncio.sleep(0.5)
+    return runs
+
+
+async def _one(stub: Stub, jobs: int, ms: int) -> Run:
+    ages: list[float] = []
+    arrivals: list[float] = []
+
+    def seen(event: pb.JobEvent, now: float) -> None:
+        if event.type == pb.JOB_PROGRESS:
+            ages.append(event_age(event, now))
+            arrivals.append(now)
+
+    async def job() -> None:
+        await watch_to_end(stub, await submit(stub, chunks=1, ms=ms), seen)
+
+    await asyncio.gather(*(job() for _ in range(jobs)))
+    window = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
+    rate = len(arrivals) / window if window else 0.0
+    return {**latencies_ms("event", ages), "events_per_s": rate, "jobs": float(jobs)}

@@ -1,0 +1,30 @@
+"""The bench at smoke size, so it cannot rot: every implemented scenario runs end to end and
+reports numbers. No figure is judged here; `make bench` reports them against the targets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import NOT_IMPLEMENTED, SCENARIOS, main
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.timeout(240)
+async def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -> None:
+    json_path = await asyncio.to_thread(main, ["--smoke", "--out", str(tmp_path)])
+
+    report = json.loads(json_path.read_text())
+    assert report["errors"] == {}
+    assert set(report["scenarios"]) == set(SCENARIOS)
+    for name, figures in report["scenarios"].items():
+        assert figures, f"{name} reported no figures"
+        for figure, value in figures.items():
+            assert math.isfinite(value["median"]), f"{name}.{figure} is {value['median']}"
+    assert report["not_implemented"] == list(NOT_IMPLEMENTED)
+    assert json_path.with_suffix(".md").read_text().startswith("# jobstream bench")
