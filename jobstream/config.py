@@ -43,6 +43,12 @@ class Settings:
 
     # Gateway.
     gateway_listen: str = "127.0.0.1:50051"
+    # TLS on the gateway: PEM files. Without a certificate the gateway speaks plaintext (put it
+    # behind a TLS-terminating proxy then). With a client CA, every client must present a
+    # certificate it signed (mTLS).
+    gateway_tls_cert: str = ""
+    gateway_tls_key: str = ""
+    gateway_tls_client_ca: str = ""
     max_input_bytes: int = 16 * 1024 * 1024
     max_chunks_per_job: int = 100_000
     # Per-tenant quotas (0 = none). The submit rate and the Watch streams are counted per gateway,
@@ -106,6 +112,10 @@ class Settings:
                 "JOBSTREAM_HEARTBEAT_SECONDS must be shorter than JOBSTREAM_LEASE_SECONDS "
                 f"({self.heartbeat_seconds} >= {self.lease_seconds})"
             )
+        if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
+            raise SettingsError("JOBSTREAM_GATEWAY_TLS_CERT and JOBSTREAM_GATEWAY_TLS_KEY go together")
+        if self.gateway_tls_client_ca and not self.gateway_tls_cert:
+            raise SettingsError("JOBSTREAM_GATEWAY_TLS_CLIENT_CA needs JOBSTREAM_GATEWAY_TLS_CERT and _KEY")
         if ":" not in self.gateway_listen:
             raise SettingsError(f"JOBSTREAM_GATEWAY_LISTEN must be host:port, got {self.gateway_listen!r}")
 

@@ -22,6 +22,8 @@ def test_reads_typed_values_from_the_environment() -> None:
         ({"JOBSTREAM_LOG_JSON": "maybe"}, "JOBSTREAM_LOG_JSON"),
         ({"JOBSTREAM_HEARTBEAT_SECONDS": "20"}, "JOBSTREAM_HEARTBEAT_SECONDS"),
         ({"JOBSTREAM_GATEWAY_LISTEN": "nowhere"}, "JOBSTREAM_GATEWAY_LISTEN"),
+        ({"JOBSTREAM_GATEWAY_TLS_CERT": "server.crt"}, "JOBSTREAM_GATEWAY_TLS_KEY"),
+        ({"JOBSTREAM_GATEWAY_TLS_CLIENT_CA": "ca.crt"}, "JOBSTREAM_GATEWAY_TLS_CERT"),
     ],
 )
 def test_malformed_value_names_the_variable(env: dict[str, str], named: str) -> None:

@@ -258,12 +258,20 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def channel(gateway: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(gateway, options=CHANNEL_OPTIONS)
+def channel(gateway: str, ca: str = "", cert: str = "", key: str = "") -> grpc.aio.Channel:
+    """Plaintext, or TLS verified against the `ca` file (with a client certificate for mTLS)."""
+    if not ca:
+        return grpc.aio.insecure_channel(gateway, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+    return grpc.aio.secure_channel(gateway, credentials, options=CHANNEL_OPTIONS)
 
 
 async def _call(command: Command, args: argparse.Namespace) -> int:
-    async with channel(args.gateway) as chan:
+    async with channel(args.gateway, args.ca, args.cert, args.key) as chan:
         return await command(pb_grpc.JobServiceStub(chan), args, sys.stdout)
 
 

@@ -68,6 +68,17 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         default=gateway if defaults else argparse.SUPPRESS,
         help=f"the gateway to call (default $JOBSTREAM_GATEWAY or {DEFAULT_GATEWAY})",
     )
+    for flag, env, what in (
+        ("--ca", "JOBSTREAM_CA", "CA certificate (PEM) to verify a TLS gateway with; without it the call is plaintext"),
+        ("--cert", "JOBSTREAM_CLIENT_CERT", "client certificate (PEM) for a gateway that requires one"),
+        ("--key", "JOBSTREAM_CLIENT_KEY", "the client certificate's private key (PEM)"),
+    ):
+        parser.add_argument(
+            flag,
+            metavar="FILE",
+            default=os.environ.get(env, "") if defaults else argparse.SUPPRESS,
+            help=f"{what} (default ${env})",
+        )
     parser.add_argument(
         "--timeout",
         type=_positive_float,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -64,13 +65,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["JobService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.gateway_listen)
+    port = _listen(server, settings)
     if port == 0:
         raise RuntimeError(f"gateway cannot listen on {settings.gateway_listen}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("gateway serving on %s", settings.gateway_listen)
+    log.info("gateway serving on %s (%s)", settings.gateway_listen, _security(settings))
 
     await stop.wait()
     log.info("gateway stopping")
@@ -88,3 +89,21 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await hub.stop()
     await producer.stop()
     await pool.close()
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    if not settings.gateway_tls_cert:
+        return server.add_insecure_port(settings.gateway_listen)
+    client_ca = Path(settings.gateway_tls_client_ca).read_bytes() if settings.gateway_tls_client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(Path(settings.gateway_tls_key).read_bytes(), Path(settings.gateway_tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(settings.gateway_listen, credentials)
+
+
+def _security(settings: Settings) -> str:
+    if settings.gateway_tls_client_ca:
+        return "TLS, client certificates required"
+    return "TLS" if settings.gateway_tls_cert else "plaintext"
