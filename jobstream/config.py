@@ -22,6 +22,10 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 @dataclass(frozen=True)
 class Settings:
     # Where the shared infrastructure is.
@@ -40,6 +44,14 @@ class Settings:
     # lets its session expire. The embedded broker strands a group for good when its leader leaves
     # in the middle of a rebalance, so members of that broker stay silent instead.
     kafka_leave_group: bool = True
+    # Security of every Kafka client: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; SASL mechanism
+    # PLAIN or SCRAM-SHA-256/512 with a user and password; a CA file (PEM) to verify brokers with.
+    # Postgres security goes in JOBSTREAM_DATABASE_URL (sslmode, sslrootcert, ...).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_cafile: str = ""
 
     # Gateway.
     gateway_listen: str = "127.0.0.1:50051"
@@ -111,6 +123,16 @@ class Settings:
             raise SettingsError(
                 "JOBSTREAM_HEARTBEAT_SECONDS must be shorter than JOBSTREAM_LEASE_SECONDS "
                 f"({self.heartbeat_seconds} >= {self.lease_seconds})"
+            )
+        if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
+            raise SettingsError(
+                f"JOBSTREAM_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_PROTOCOLS)},"
+                f" got {self.kafka_security_protocol!r}"
+            )
+        if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            raise SettingsError(
+                f"JOBSTREAM_KAFKA_SASL_MECHANISM must be one of {', '.join(KAFKA_SASL_MECHANISMS)},"
+                f" got {self.kafka_sasl_mechanism!r}"
             )
         if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
             raise SettingsError("JOBSTREAM_GATEWAY_TLS_CERT and JOBSTREAM_GATEWAY_TLS_KEY go together")

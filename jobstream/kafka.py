@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.cluster import ClusterMetadata
@@ -19,6 +20,7 @@ from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
 
 from jobstream.config import Settings
 
@@ -31,6 +33,21 @@ PARTITION_CHECK_SECONDS = 5.0
 METADATA_MAX_AGE_MS = 5_000
 
 
+def security(settings: Settings) -> dict[str, Any]:
+    """The connection security arguments every aiokafka client of these settings takes."""
+    protocol = settings.kafka_security_protocol
+    found: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        found["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile or None)
+    if protocol.startswith("SASL_"):
+        found |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": settings.kafka_sasl_password,
+        }
+    return found
+
+
 def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -41,6 +58,7 @@ def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer
         request_timeout_ms=15_000,
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         client_id=f"jobstream-{settings.worker_id}",
+        **security(settings),
     )
 
 
@@ -62,6 +80,7 @@ def make_group_consumer(
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         client_id=f"jobstream-{settings.worker_id}",
         partition_assignment_strategy=(counted_round_robin(lambda: consumer._client.cluster),),
+        **security(settings),
     )
     consumer.subscribe([settings.topic(t) for t in topics], listener=listener)
     return consumer
@@ -178,6 +197,7 @@ def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:
         fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
         max_partition_fetch_bytes=8 * 1024 * 1024,
         client_id=f"jobstream-{settings.worker_id}",
+        **security(settings),
     )
 
 

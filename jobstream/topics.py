@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
+from jobstream import kafka
 from jobstream.config import Settings
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 
 async def _admin(settings: Settings, wait_s: float) -> AIOKafkaAdminClient:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000, **kafka.security(settings)
+    )
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         try:

@@ -24,6 +24,8 @@ def test_reads_typed_values_from_the_environment() -> None:
         ({"JOBSTREAM_GATEWAY_LISTEN": "nowhere"}, "JOBSTREAM_GATEWAY_LISTEN"),
         ({"JOBSTREAM_GATEWAY_TLS_CERT": "server.crt"}, "JOBSTREAM_GATEWAY_TLS_KEY"),
         ({"JOBSTREAM_GATEWAY_TLS_CLIENT_CA": "ca.crt"}, "JOBSTREAM_GATEWAY_TLS_CERT"),
+        ({"JOBSTREAM_KAFKA_SECURITY_PROTOCOL": "TLS"}, "JOBSTREAM_KAFKA_SECURITY_PROTOCOL"),
+        ({"JOBSTREAM_KAFKA_SASL_MECHANISM": "GSSAPI"}, "JOBSTREAM_KAFKA_SASL_MECHANISM"),
     ],
 )
 def test_malformed_value_names_the_variable(env: dict[str, str], named: str) -> None:
