@@ -24,6 +24,8 @@ _MIGRATION_LOCK = 0x6A6F6273
 # Errors that mean Postgres cannot be reached right now, rather than a fault in what was asked of it:
 # a loop that meets one waits and replays its input instead of dying.
 DATABASE_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+# How long such a loop waits before it tries again.
+DATABASE_RETRY_SECONDS = 1.0
 # Postgres aborted the transaction to break a deadlock or a serialization conflict: running the
 # same transaction again is the fix.
 CONFLICTS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
@@ -35,15 +37,13 @@ T = TypeVar("T")
 async def retry_conflicts(transaction: Callable[[], Awaitable[T]], what: str) -> T:
     """Runs `transaction` (one whole transaction, safe to run again) until it is not aborted by a
     conflict with a concurrent one, a few times at most."""
-    for attempt in range(1, CONFLICT_TRIES + 1):
+    for attempt in range(1, CONFLICT_TRIES):
         try:
             return await transaction()
         except CONFLICTS as err:
-            if attempt == CONFLICT_TRIES:
-                raise
             log.info("%s: %s; running it again (try %d)", what, type(err).__name__, attempt + 1)
             await asyncio.sleep(random.uniform(0, 0.02 * attempt))
-    raise AssertionError("unreachable")
+    return await transaction()
 
 
 async def open_pool(settings: Settings, *, name: str, min_size: int = 1) -> AsyncConnectionPool:

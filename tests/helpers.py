@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psycopg
 from google.protobuf import struct_pb2
 
 from jobstream.events import is_terminal
@@ -15,7 +16,17 @@ from jobstream.v1 import jobstream_pb2 as pb
 if TYPE_CHECKING:
     from jobstream.v1.jobstream_pb2_grpc import JobServiceAsyncStub as Client
 
-__all__ = ["Client", "assert_contiguous", "params", "read_rest", "submit", "wait_for", "watch_all", "watch_until"]
+__all__ = [
+    "Client",
+    "assert_contiguous",
+    "count_jobs",
+    "params",
+    "read_rest",
+    "submit",
+    "wait_for",
+    "watch_all",
+    "watch_until",
+]
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 
@@ -83,6 +94,14 @@ async def read_rest(
 
 def _types(events: list[pb.JobEvent]) -> list[str]:
     return [pb.EventType.Name(e.type) for e in events]
+
+
+async def count_jobs(db: psycopg.AsyncConnection[Any]) -> int:
+    """Every job row: what a refused Submit must leave unchanged."""
+    cur = await db.execute("SELECT count(*) FROM jobs")
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], within: float = 30, what: str = "condition") -> None:

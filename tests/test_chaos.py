@@ -103,15 +103,16 @@ class Chaos:
         waiting = set(held)
         async with await psycopg.AsyncConnection.connect(self.stack.database_url, autocommit=True) as db:
             while waiting and time.monotonic() - killed_at < 120:
-                for job_id, idx in list(waiting):
-                    cur = await db.execute(
-                        "SELECT state, worker_id FROM chunks WHERE job_id = %s AND idx = %s", (job_id, idx)
-                    )
-                    row = await cur.fetchone()
-                    if row is not None and row[1] != victim and row[0] in (1, 2):
-                        waiting.discard((job_id, idx))
-                        self.handover_s.append(time.monotonic() - killed_at)
-                await asyncio.sleep(0.1)
+                cur = await db.execute(
+                    "SELECT c.job_id::text, c.idx FROM chunks c"
+                    " JOIN unnest(%s::uuid[], %s::int[]) AS w(job_id, idx) ON c.job_id = w.job_id AND c.idx = w.idx"
+                    " WHERE c.state IN (1, 2) AND c.worker_id IS DISTINCT FROM %s",
+                    ([j for j, _ in waiting], [i for _, i in waiting], victim),
+                )
+                for moved in await cur.fetchall():
+                    waiting.discard((moved[0], moved[1]))
+                    self.handover_s.append(time.monotonic() - killed_at)
+                await asyncio.sleep(0.1)  # the polling pace of the measurement
 
     async def kill_scheduler(self) -> None:
         self.stack.services["scheduler"].kill()

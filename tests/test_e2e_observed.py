@@ -12,7 +12,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,16 +288,22 @@ async def _live_through_outage_then_not_ready(stack: Stack, because: str) -> Non
     await _assert_all_alive(stack, during=f"while {because}")
 
 
+async def _outage(stack: Stack, stop: Callable[[], object], start: Callable[[], object], because: str) -> None:
+    """Takes a dependency away, checks every service stays live but not ready, brings it back and
+    waits until every service is ready again."""
+    await asyncio.to_thread(stop)
+    try:
+        await _live_through_outage_then_not_ready(stack, because=because)
+    finally:
+        await asyncio.to_thread(start)
+    await _wait_all_ready(stack, f"every service to be ready again after '{because}'")
+
+
 async def test_readiness_turns_false_while_postgres_is_down_and_true_when_it_is_back(
     ready: Stack, client: Client
 ) -> None:
-    await asyncio.to_thread(ready.postgres.stop)
-    try:
-        await _live_through_outage_then_not_ready(ready, because="postgres unreachable")
-    finally:
-        await asyncio.to_thread(ready.postgres.start)
+    await _outage(ready, ready.postgres.stop, ready.postgres.start, "postgres unreachable")
 
-    await _wait_all_ready(ready, "every service to be ready again once Postgres is back")
     # Ready means working: the scheduler and worker took up their loops again.
     job = (await client.Submit(pb.SubmitRequest(kind="demo.sleep", params=params(chunks=4, ms=10)))).job
     events = await watch_all(client, job.id)
@@ -305,11 +311,5 @@ async def test_readiness_turns_false_while_postgres_is_down_and_true_when_it_is_
 
 
 async def test_readiness_turns_false_while_the_broker_is_down_and_true_when_it_is_back(ready: Stack) -> None:
-    await asyncio.to_thread(ready.broker.kill)
-    try:
-        await _live_through_outage_then_not_ready(ready, because="kafka unreachable")
-    finally:
-        # Memory storage: the broker comes back empty, as a replaced cluster would.
-        await asyncio.to_thread(ready.broker.start)
-
-    await _wait_all_ready(ready, "every service to be ready again once the broker is back")
+    # Memory storage: the broker comes back empty, as a replaced cluster would.
+    await _outage(ready, ready.broker.kill, ready.broker.start, "kafka unreachable")

@@ -12,7 +12,7 @@ import pytest
 
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.conftest import running_stack
-from tests.helpers import params, read_rest, wait_for, watch_all, watch_until
+from tests.helpers import count_jobs, params, read_rest, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
 if TYPE_CHECKING:
@@ -39,13 +39,6 @@ async def _gateway_with(stack: Stack, **quotas: str) -> None:
     await stack.wait_gateway()
 
 
-async def _jobs(own_db: Db) -> int:
-    cur = await own_db.execute("SELECT count(*) FROM jobs")
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def _hanging() -> pb.SubmitRequest:
     return pb.SubmitRequest(kind="demo.sleep", params=params(chunks=1, hang_chunk=0))
 
@@ -69,13 +62,13 @@ async def test_submits_over_the_rate_are_refused_with_a_retry_hint(own: Stack, o
     quick = pb.SubmitRequest(kind="demo.sleep", params=params(chunks=1, ms=0))
     for _ in range(3):
         await own_client.Submit(quick)
-    before = await _jobs(own_db)
+    before = await count_jobs(own_db)
 
     err = await _refused(own_client.Submit(quick))
 
     assert "submit rate" in (err.details() or "")
     assert 0 < _retry_after(err) <= 5
-    assert await _jobs(own_db) == before
+    assert await count_jobs(own_db) == before
 
 
 async def test_a_tenant_at_its_unfinished_jobs_quota_is_refused_until_one_ends(
@@ -85,12 +78,12 @@ async def test_a_tenant_at_its_unfinished_jobs_quota_is_refused_until_one_ends(
     await _cancel_unfinished(own_client)
     first = (await own_client.Submit(_hanging())).job
     await own_client.Submit(_hanging())
-    before = await _jobs(own_db)
+    before = await count_jobs(own_db)
 
     err = await _refused(own_client.Submit(_hanging()))
 
     assert "2 jobs are queued or running" in (err.details() or "") and _retry_after(err) > 0
-    assert await _jobs(own_db) == before
+    assert await count_jobs(own_db) == before
     await own_client.Cancel(pb.CancelRequest(job_id=first.id))
     assert (await watch_all(own_client, first.id))[-1].type == pb.JOB_CANCELLED
     await own_client.Submit(_hanging())

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobstream.v1 import jobstream_pb2 as pb
+from tests.helpers import count_jobs
 
 if TYPE_CHECKING:
     from tests.helpers import Client
@@ -91,13 +92,6 @@ async def _first_event_code(stream: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def _jobs(db: Db) -> int:
-    cur = await db.execute("SELECT count(*) FROM jobs")
-    row = await cur.fetchone()
-    assert row is not None
-    return int(str(row[0]))
-
-
 @FUZZ
 @given(kind=kinds, values=params, data=st.binary(max_size=4096), key=st.text(max_size=300), opts=options)
 async def test_any_submit_gets_a_clear_status_and_a_refusal_writes_nothing(
@@ -106,14 +100,14 @@ async def test_any_submit_gets_a_clear_status_and_a_refusal_writes_nothing(
     struct = _struct(values)
     if struct is None:
         return
-    before = await _jobs(db)
+    before = await count_jobs(db)
     request = pb.SubmitRequest(kind=kind, params=struct, input=data, idempotency_key=key, options=opts)
     try:
         response = await client.Submit(request)
     except grpc.aio.AioRpcError as err:
         assert err.code() in EXPECTED - {grpc.StatusCode.OK}, f"{err.code()}: {err.details()}"
         assert err.details(), "a refusal must say why"
-        assert await _jobs(db) == before, f"refused with {err.code()} but a job was written"
+        assert await count_jobs(db) == before, f"refused with {err.code()} but a job was written"
         return
     # Accepted: the request was valid. Stop the job at once, so the fuzzing does not load the stack.
     assert all(math.isfinite(v) for v in (opts.chunk_timeout_seconds, opts.deadline_seconds))

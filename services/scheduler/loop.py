@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from jobstream.db import DATABASE_UNAVAILABLE, retry_conflicts
+from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, retry_conflicts
 from jobstream.kafka import GroupMember, rewind_to_committed
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
@@ -31,7 +31,6 @@ from services.scheduler.reconcile import Reconciler
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000
-DATABASE_RETRY_SECONDS = 1.0
 MAX_IDLE_WAIT_MS = 200
 SWEEP_SECONDS = 1.0
 BROKER_CHECK_SECONDS = 2.0

@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
-from jobstream.db import DATABASE_UNAVAILABLE, broker_epoch
+from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, broker_epoch
 from jobstream.kafka import (
     GroupMember,
     assign_all_from_end,
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 # A job seen cancelled is remembered this long, so its late-arriving tasks are dropped unclaimed.
 CANCELLED_MEMORY_SECONDS = 3600.0
-DATABASE_RETRY_SECONDS = 1.0
 
 
 class Worker:
