@@ -75,7 +75,7 @@ async def run(names: Sequence[str], sizes: Sizes, repeat: int, root: Path, limit
     stack = BenchStack(root)
     outcome = Outcome()
     try:
-        await stack.start()
+        await stack.start(workers=0)  # each scenario sizes the worker pool
         for name in names:
             started = time.monotonic()
             _say(f"{name}: running")

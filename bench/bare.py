@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 
 from bench.client import OWN_CONNECTION
-from bench.stack import REPO
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import ChildProcess
+from jobstream.embedded.stack import REPO
 
 UNARY = "/bench.Bare/Unary"
 STREAM = "/bench.Bare/Stream"

@@ -4,24 +4,14 @@ pool whose size and concurrency a scenario can change, plus the memory each proc
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import grpc
 from aiokafka.admin import AIOKafkaAdminClient
 
-from jobstream.config import Settings
-from jobstream.db import apply_schema
-from jobstream.embedded.broker import EmbeddedBroker
-from jobstream.embedded.ports import free_port
-from jobstream.embedded.postgres import EmbeddedPostgres
-from jobstream.embedded.procs import ChildProcess, descendants, log_tails, stop_services
-from jobstream.topics import ensure_topics
+from jobstream.embedded.procs import descendants
+from jobstream.embedded.stack import LocalStack
 
-REPO = Path(__file__).resolve().parent.parent
 # Stopped workers stay silent group members until their session (10 s) expires, so waiting for the
 # group to settle after a resize takes about that long.
 GROUP_SETTLE_TIMEOUT = 60.0
@@ -33,63 +23,23 @@ class WorkerPool:
     concurrency: int = 0  # 0: the service default
 
 
+# The bench measures capacity; tenant quotas would measure themselves.
+BENCH_ENV = {
+    "JOBSTREAM_LOG_LEVEL": "WARNING",
+    "JOBSTREAM_TENANT_SUBMIT_RATE": "0",
+    "JOBSTREAM_TENANT_MAX_UNFINISHED_JOBS": "0",
+    "JOBSTREAM_TENANT_MAX_WATCH_STREAMS": "0",
+}
+
+
 @dataclass
-class BenchStack:
-    root: Path
-    postgres: EmbeddedPostgres = field(init=False)
-    broker: EmbeddedBroker = field(init=False)
-    database_url: str = ""
-    gateway_addr: str = ""
-    services: dict[str, ChildProcess] = field(default_factory=dict)
+class BenchStack(LocalStack):
     pool: WorkerPool = field(default_factory=WorkerPool)
     _generation: int = 0
 
     def __post_init__(self) -> None:
-        self.postgres = EmbeddedPostgres(self.root / "postgres", durable=False)
-        self.broker = EmbeddedBroker(self.root / "broker")
-
-    @property
-    def settings(self) -> Settings:
-        return Settings(database_url=self.database_url, kafka_bootstrap=self.broker.bootstrap, kafka_leave_group=False)
-
-    async def start(self) -> None:
-        """Starts everything but workers; raises RuntimeError with the logs when the gateway does not come up."""
-        self.database_url = await asyncio.to_thread(self.postgres.start)
-        await asyncio.to_thread(self.broker.start)
-        self.gateway_addr = f"127.0.0.1:{free_port()}"
-        await apply_schema(self.database_url)
-        await ensure_topics(self.settings)
-        self._start("scheduler", "services.scheduler")
-        self._start("gateway", "services.gateway")
-        async with grpc.aio.insecure_channel(self.gateway_addr) as channel:
-            try:
-                await asyncio.wait_for(channel.channel_ready(), 60)
-            except TimeoutError:
-                raise RuntimeError(f"gateway not ready after 60 s\n{self.log_tails()}") from None
-
-    def _start(self, name: str, module: str, **env: str) -> ChildProcess:
-        full_env = dict(os.environ)
-        full_env.update(self.broker.client_env())
-        full_env.update(
-            JOBSTREAM_DATABASE_URL=self.database_url,
-            JOBSTREAM_GATEWAY_LISTEN=self.gateway_addr,
-            JOBSTREAM_LOG_LEVEL="WARNING",
-            # The bench measures capacity; tenant quotas would measure themselves.
-            JOBSTREAM_TENANT_SUBMIT_RATE="0",
-            JOBSTREAM_TENANT_MAX_UNFINISHED_JOBS="0",
-            JOBSTREAM_TENANT_MAX_WATCH_STREAMS="0",
-            PYTHONPATH=str(REPO),
-            **env,
-        )
-        proc = ChildProcess(
-            name, [sys.executable, "-m", module], log_path=self.root / "logs" / f"{name}.log", env=full_env
-        )
-        proc.start()
-        self.services[name] = proc
-        return proc
-
-    def workers(self) -> list[str]:
-        return [name for name, proc in self.services.items() if name.startswith("worker") and proc.alive]
+        super().__post_init__()
+        self.env_overrides = {**BENCH_ENV, **self.env_overrides}
 
     async def set_workers(self, count: int, concurrency: int = 0) -> None:
         """Runs exactly `count` workers with this concurrency, and returns once the worker group has
@@ -108,7 +58,7 @@ class BenchStack:
         while len(keep) < count:
             self._generation += 1
             name = f"worker-{self._generation}"
-            self._start(name, "services.worker", JOBSTREAM_WORKER_ID=name, **env)
+            self.start_worker(name, **env)
             keep.append(name)
         self.pool = WorkerPool(count, concurrency)
         await self._wait_group(count)
@@ -146,14 +96,6 @@ class BenchStack:
         tree["broker"] = self.broker.pid or 0
         tree["postgres"] = self.postgres.pid or 0
         return {name: sum(pss_bytes(p) for p in [pid, *descendants(pid)]) for name, pid in tree.items() if pid}
-
-    def log_tails(self, lines: int = 30) -> str:
-        return log_tails({**self.services, "broker": self.broker}, lines)
-
-    def stop(self) -> None:
-        stop_services(self.services)
-        self.broker.stop()
-        self.postgres.stop()
 
 
 def _group_state(described: object, group: str) -> tuple[str, int]:

@@ -17,12 +17,13 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.sizes import Sizes
-from bench.stack import REPO, BenchStack
+from bench.stack import BenchStack
 from bench.stats import Run
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
 from jobstream.embedded.procs import ChildProcess
+from jobstream.embedded.stack import REPO
 from jobstream.kafka import make_broadcast_consumer, make_producer
 
 

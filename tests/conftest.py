@@ -9,8 +9,6 @@ import grpc
 import psycopg
 import pytest
 
-from jobstream.embedded.broker import EmbeddedBroker
-from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.stack import Stack
 
@@ -30,12 +28,7 @@ def stack_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.asynccontextmanager
 async def running_stack(root: Path, workers: int, **env: str) -> AsyncIterator[Stack]:
     """A real stack: Postgres, broker, scheduler, gateway and workers, stopped on exit."""
-    stack = Stack(
-        root=root,
-        postgres=EmbeddedPostgres(root / "postgres", durable=False),
-        broker=EmbeddedBroker(root / "broker"),
-        env_overrides=env,
-    )
+    stack = Stack(root=root, env_overrides=env)
     LIVE_STACKS.append(stack)
     try:
         await stack.start(workers=workers)

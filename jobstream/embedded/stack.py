@@ -1,0 +1,101 @@
+"""A whole jobstream on this machine for tests and benchmarks: embedded Postgres and broker, plus
+the services as child processes, each on free ports, in one folder."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from jobstream.config import Settings
+from jobstream.db import apply_schema
+from jobstream.embedded.broker import EmbeddedBroker
+from jobstream.embedded.ports import free_port
+from jobstream.embedded.postgres import EmbeddedPostgres
+from jobstream.embedded.procs import ChildProcess, log_tails, stop_services
+from jobstream.topics import ensure_topics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class LocalStack:
+    root: Path
+    postgres: EmbeddedPostgres = field(init=False)
+    broker: EmbeddedBroker = field(init=False)
+    database_url: str = ""
+    bootstrap: str = ""
+    gateway_addr: str = ""
+    services: dict[str, ChildProcess] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    env_overrides: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.postgres = EmbeddedPostgres(self.root / "postgres", durable=False)
+        self.broker = EmbeddedBroker(self.root / "broker")
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(database_url=self.database_url, kafka_bootstrap=self.bootstrap, kafka_leave_group=False)
+
+    def service_env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.broker.client_env())
+        env.update(
+            JOBSTREAM_DATABASE_URL=self.database_url,
+            JOBSTREAM_GATEWAY_LISTEN=self.gateway_addr,
+            PYTHONPATH=str(REPO),
+        )
+        env.update(self.env_overrides)
+        env.update(extra)
+        return env
+
+    def start_service(self, name: str, module: str, **env: str) -> ChildProcess:
+        port = self.metrics_ports.setdefault(name, free_port())
+        proc = ChildProcess(
+            name,
+            [sys.executable, "-m", module],
+            log_path=self.root / "logs" / f"{name}.log",
+            env=self.service_env(JOBSTREAM_METRICS_PORT=str(port), **env),
+            cwd=REPO,
+        )
+        proc.start()
+        self.services[name] = proc
+        return proc
+
+    def start_worker(self, name: str, **env: str) -> ChildProcess:
+        return self.start_service(name, "services.worker", JOBSTREAM_WORKER_ID=name, **env)
+
+    def workers(self) -> list[str]:
+        return [n for n, p in self.services.items() if n.startswith("worker") and p.alive]
+
+    async def start(self, workers: int) -> None:
+        self.database_url = await asyncio.to_thread(self.postgres.start)
+        self.bootstrap = await asyncio.to_thread(self.broker.start)
+        self.gateway_addr = f"127.0.0.1:{free_port()}"
+        await apply_schema(self.database_url)
+        await ensure_topics(self.settings)
+        self.start_service("scheduler", "services.scheduler")
+        self.start_service("gateway", "services.gateway")
+        for i in range(1, workers + 1):
+            self.start_worker(f"worker-{i}")
+        await self.wait_gateway()
+
+    async def wait_gateway(self, within: float = 60) -> None:
+        async with grpc.aio.insecure_channel(self.gateway_addr) as channel:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), within)
+            except TimeoutError:
+                raise RuntimeError(f"gateway not ready after {within}s\n{self.log_tails()}") from None
+
+    def log_tails(self, lines: int = 40) -> str:
+        return log_tails({**self.services, "broker": self.broker}, lines)
+
+    def stop(self) -> None:
+        stop_services(self.services)
+        self.broker.stop()
+        self.postgres.stop()
