@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from jobstream.cli import render
-from jobstream.v1 import jobstream_pb2 as pb
 from tests.stack import REPO, Stack
 
 pytestmark = pytest.mark.e2e
@@ -62,37 +60,3 @@ async def test_exit_codes_for_a_failed_job_an_rpc_error_and_bad_usage(stack: Sta
     assert missing.returncode == 3 and missing.stderr.startswith("jobstream: NOT_FOUND: ")
     assert unknown_kind.returncode == 3 and "INVALID_ARGUMENT" in unknown_kind.stderr
     assert bad_param.returncode == 2 and "KEY=VALUE" in bad_param.stderr
-
-
-def test_event_line_is_stable_and_greppable() -> None:
-    event = pb.JobEvent(
-        seq=3,
-        type=pb.JOB_PROGRESS,
-        state=pb.RUNNING,
-        progress=pb.Progress(total_chunks=20, done_chunks=9, percent=45, eta_seconds=1.25),
-        message='half "way"',
-    )
-
-    assert render.event_line(event) == 'seq=3 JOB_PROGRESS RUNNING 45.0% 9/20 eta 1.2s msg="half \\"way\\""'
-
-
-def test_progress_line_fits_the_terminal() -> None:
-    event = pb.JobEvent(
-        state=pb.RUNNING, progress=pb.Progress(total_chunks=4, done_chunks=2, percent=50), message="x" * 500
-    )
-
-    line = render.progress_line(event, width=60)
-
-    assert len(line) == 59 and line.startswith("[############------------]  50.0% 2/4 chunks")
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("chunks=20", ("chunks", 20)), ("name=abc", ("name", "abc")), ("x=[1,2]", ("x", [1, 2])), ("e=", ("e", ""))],
-)
-def test_param_values_are_json_when_they_parse(text: str, expected: tuple[str, object]) -> None:
-    assert render.parse_param(text) == expected
-
-
-def test_eta_reads_naturally() -> None:
-    assert [render.eta(s) for s in (0, 3.14, 75, 7300)] == ["-", "3.1s", "1m15s", "2h01m"]

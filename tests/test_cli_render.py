@@ -59,6 +59,16 @@ def test_progress_line_keeps_the_last_message_when_the_event_has_none() -> None:
     assert line.endswith("  split into 10 chunks")
 
 
+def test_progress_line_fits_the_terminal() -> None:
+    event = pb.JobEvent(
+        state=pb.RUNNING, progress=pb.Progress(total_chunks=4, done_chunks=2, percent=50), message="x" * 500
+    )
+
+    line = render.progress_line(event, width=60)
+
+    assert len(line) == 59 and line.startswith("[############------------]  50.0% 2/4 chunks")
+
+
 @pytest.mark.parametrize("width", [12, 40, 80, 81])
 def test_progress_line_never_reaches_the_last_column(width: int) -> None:
     event = progress_event(50, 2, 4, eta=3, message="長い" * 100)
