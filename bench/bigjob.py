@@ -21,7 +21,7 @@ STATS_DELAY_S = 1.5
 
 async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
     runs = []
-    async with channel(stack.gateway_addr) as ch:
+    async with channel(stack.gateway_addr, stack.token) as ch:
         stub = make_stub(ch)
         for _ in range(repeat):
             runs.append(await _one(stack, stub, sizes.big_chunks))

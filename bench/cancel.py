@@ -27,7 +27,7 @@ CHUNK_MS = 1000
 async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
     runs = []
     async with (
-        channel(stack.gateway_addr) as ch,
+        channel(stack.gateway_addr, stack.token) as ch,
         await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as db,
     ):
         stub = make_stub(ch)

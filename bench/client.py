@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from jobstream.events import is_terminal
+from jobstream.gateway_channel import gateway_channel
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 
@@ -25,8 +26,9 @@ __all__ = ["OWN_CONNECTION", "Stub", "channel", "event_age", "params", "stub", "
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
-def channel(addr: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(addr, options=OWN_CONNECTION)
+def channel(addr: str, token: str = "") -> grpc.aio.Channel:
+    """A channel on a connection of its own; with `token`, every call carries that API key."""
+    return gateway_channel(addr, token=token, options=OWN_CONNECTION)
 
 
 def stub(ch: grpc.aio.Channel) -> Stub:

@@ -27,7 +27,7 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
     # demo.sleep takes at most 20 steps of 250 ms; longer windows need more jobs one after another.
     ms = min(int(sizes.event_seconds * 1000), 20 * STEP_MS)
     runs = []
-    async with channel(stack.gateway_addr) as ch:
+    async with channel(stack.gateway_addr, stack.token) as ch:
         stub = make_stub(ch)
         for _ in range(repeat):
             runs.append(await _one(stub, jobs, ms))

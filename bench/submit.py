@@ -21,7 +21,11 @@ Call = Callable[[], Awaitable[object]]
 async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
     runs = []
     request = pb.SubmitRequest(kind="demo.sleep", params=params(chunks=1, ms=0))
-    async with channel(stack.gateway_addr) as ch, BareServer(stack.root) as bare, channel(bare.addr) as bare_ch:
+    async with (
+        channel(stack.gateway_addr, stack.token) as ch,
+        BareServer(stack.root) as bare,
+        channel(bare.addr) as bare_ch,
+    ):
         stub = make_stub(ch)
         bare_call = bare_ch.unary_unary(UNARY, request_serializer=None, response_deserializer=None)
 

@@ -15,7 +15,7 @@ from bench.stats import Run
 
 async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
     runs: list[Run] = [{} for _ in range(repeat)]
-    async with channel(stack.gateway_addr) as ch:
+    async with channel(stack.gateway_addr, stack.token) as ch:
         stub = make_stub(ch)
         # Growing the pool only: a stopped worker holds its partitions until its session expires.
         for workers in sizes.worker_counts:

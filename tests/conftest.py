@@ -48,7 +48,7 @@ async def stack(stack_root: Path) -> AsyncIterator[Stack]:
 @contextlib.asynccontextmanager
 async def client_of(stack: Stack) -> AsyncIterator[Client]:
     """A client of the stack's gateway, for modules that run a stack of their own."""
-    async with grpc.aio.insecure_channel(stack.gateway_addr) as channel:
+    async with stack.channel() as channel:
         yield pb_grpc.JobServiceStub(channel)
 
 
@@ -73,7 +73,7 @@ async def own_db(own: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any,
 
 @pytest.fixture(scope="session")
 async def channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(stack.gateway_addr) as channel:
+    async with stack.channel() as channel:
         yield channel
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ import grpc
 import psycopg
 from google.protobuf import struct_pb2
 
+from jobstream import api_keys
 from jobstream.events import is_terminal
 from jobstream.v1 import jobstream_pb2 as pb
 
@@ -20,6 +22,7 @@ __all__ = [
     "Client",
     "assert_contiguous",
     "count_jobs",
+    "new_tenant",
     "params",
     "read_rest",
     "submit",
@@ -35,6 +38,13 @@ def params(**values: Any) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(values)
     return struct
+
+
+async def new_tenant(db: psycopg.AsyncConnection[Any], name: str) -> tuple[str, str]:
+    """A tenant of its own (a fresh id, so tests never share one) and a token of one of its keys."""
+    tenant = f"{name}-{uuid.uuid4().hex[:8]}"
+    await api_keys.create_tenant(db, tenant)
+    return tenant, (await api_keys.create_key(db, tenant, name=f"test {name}")).token
 
 
 async def submit(client: Client, kind: str, data: bytes = b"", **values: Any) -> pb.Job:

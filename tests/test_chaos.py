@@ -50,11 +50,11 @@ async def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
         yield stack
 
 
-async def watch_resuming(addr: str, job_id: str, seen: list[pb.JobEvent], resumes: list[int]) -> None:
+async def watch_resuming(stack: Stack, job_id: str, seen: list[pb.JobEvent], resumes: list[int]) -> None:
     """Watches until the terminal event, resuming after the last seq seen whenever the stream breaks."""
     while True:
         try:
-            async with grpc.aio.insecure_channel(addr) as channel:
+            async with stack.channel() as channel:
                 stream = pb_grpc.JobServiceStub(channel).Watch(
                     pb.WatchRequest(job_id=job_id, after_seq=seen[-1].seq if seen else 0)
                 )
@@ -150,7 +150,7 @@ async def test_chaos_every_job_succeeds_exactly_once_with_gapless_streams(chaos_
     rng = random.Random(SEED)
     stack = chaos_stack
     async with (
-        grpc.aio.insecure_channel(stack.gateway_addr) as channel,
+        stack.channel() as channel,
         await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as db,
     ):
         client = pb_grpc.JobServiceStub(channel)
@@ -164,7 +164,7 @@ async def test_chaos_every_job_succeeds_exactly_once_with_gapless_streams(chaos_
         ]
         seen: dict[str, list[pb.JobEvent]] = {job_id: [] for job_id in jobs}
         resumes: list[int] = []
-        watchers = [asyncio.create_task(watch_resuming(stack.gateway_addr, j, seen[j], resumes)) for j in jobs]
+        watchers = [asyncio.create_task(watch_resuming(stack, j, seen[j], resumes)) for j in jobs]
 
         chaos = Chaos(stack, db, rng)
         actions = [

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 async def jobstream(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "jobstream.cli.main", "--gateway", stack.gateway_addr, *args]
+    argv = [sys.executable, "-m", "jobstream.cli.main", "--gateway", stack.gateway_addr, "--token", stack.token, *args]
     return await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, text=True, cwd=REPO, timeout=120, check=False
     )

@@ -3,6 +3,7 @@ refused Submit writes nothing. Each test restarts the gateway with the quota it 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -11,8 +12,9 @@ import psycopg
 import pytest
 
 from jobstream.v1 import jobstream_pb2 as pb
+from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.conftest import running_stack
-from tests.helpers import count_jobs, params, read_rest, wait_for, watch_all, watch_until
+from tests.helpers import count_jobs, new_tenant, params, read_rest, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
 if TYPE_CHECKING:
@@ -69,6 +71,10 @@ async def test_submits_over_the_rate_are_refused_with_a_retry_hint(own: Stack, o
     assert "submit rate" in (err.details() or "")
     assert 0 < _retry_after(err) <= 5
     assert await count_jobs(own_db) == before
+    # Another tenant has a bucket of its own: it submits at once, and its job runs.
+    async with _other_tenant(own, own_db) as other:
+        job = (await other.Submit(quick)).job
+        assert (await watch_all(other, job.id))[-1].type == pb.JOB_SUCCEEDED
 
 
 async def test_a_tenant_at_its_unfinished_jobs_quota_is_refused_until_one_ends(
@@ -84,13 +90,18 @@ async def test_a_tenant_at_its_unfinished_jobs_quota_is_refused_until_one_ends(
 
     assert "2 jobs are queued or running" in (err.details() or "") and _retry_after(err) > 0
     assert await count_jobs(own_db) == before
+    async with _other_tenant(own, own_db) as other:
+        job = (await other.Submit(_hanging())).job
+        await other.Cancel(pb.CancelRequest(job_id=job.id))
     await own_client.Cancel(pb.CancelRequest(job_id=first.id))
     assert (await watch_all(own_client, first.id))[-1].type == pb.JOB_CANCELLED
     await own_client.Submit(_hanging())
     await _cancel_unfinished(own_client)
 
 
-async def test_watch_streams_over_the_quota_are_refused_until_one_closes(own: Stack, own_client: Client) -> None:
+async def test_watch_streams_over_the_quota_are_refused_until_one_closes(
+    own: Stack, own_client: Client, own_db: Db
+) -> None:
     await _gateway_with(own, JOBSTREAM_TENANT_MAX_WATCH_STREAMS="1")
     job = (await own_client.Submit(_hanging())).job
     open_stream, _ = await watch_until(own_client, job.id, lambda e: e.type == pb.JOB_QUEUED)
@@ -99,10 +110,23 @@ async def test_watch_streams_over_the_quota_are_refused_until_one_closes(own: St
     err = await _refused(_first(second))
 
     assert "1 Watch streams are open" in (err.details() or "") and _retry_after(err) > 0
+    async with _other_tenant(own, own_db) as other:
+        theirs = (await other.Submit(_hanging())).job
+        their_stream, _ = await watch_until(other, theirs.id, lambda e: e.type == pb.JOB_QUEUED)
+        await other.Cancel(pb.CancelRequest(job_id=theirs.id))
+        assert (await read_rest(their_stream, theirs.id))[-1].type == pb.JOB_CANCELLED
     await own_client.Cancel(pb.CancelRequest(job_id=job.id))
     assert (await read_rest(open_stream, job.id))[-1].type == pb.JOB_CANCELLED
     # The ended stream gave its place back: a new one reads the job to its end.
     assert (await watch_all(own_client, job.id))[-1].type == pb.JOB_CANCELLED
+
+
+@contextlib.asynccontextmanager
+async def _other_tenant(stack: Stack, db: Db) -> AsyncIterator[Client]:
+    """A client of a tenant of its own, to show one tenant's quota does not hold back another."""
+    _, token = await new_tenant(db, "other")
+    async with stack.channel(token) as channel:
+        yield pb_grpc.JobServiceStub(channel)
 
 
 async def _first(stream: Any) -> None:

@@ -7,7 +7,6 @@ import signal
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -42,7 +41,7 @@ async def own(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
 
 @pytest.fixture
 async def client(own: Stack) -> AsyncIterator[Client]:
-    async with grpc.aio.insecure_channel(own.gateway_addr) as channel:
+    async with own.channel() as channel:
         yield pb_grpc.JobServiceStub(channel)
 
 

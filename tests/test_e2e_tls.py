@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from jobstream.cli.client import channel
 from jobstream.embedded.ports import free_port
+from jobstream.gateway_channel import gateway_channel
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.stack import Stack
@@ -113,8 +113,8 @@ async def _list(chan: grpc.aio.Channel, within: float = 30) -> grpc.StatusCode:
 
 
 @pytest.fixture
-async def trusted_call(tls_gateway: str, pki: Pki) -> AsyncIterator[grpc.aio.Channel]:
-    async with channel(tls_gateway, str(pki.ca)) as chan:
+async def trusted_call(stack: Stack, tls_gateway: str, pki: Pki) -> AsyncIterator[grpc.aio.Channel]:
+    async with gateway_channel(tls_gateway, token=stack.token, ca=str(pki.ca)) as chan:
         await asyncio.wait_for(chan.channel_ready(), 60)
         yield chan
 
@@ -124,18 +124,22 @@ async def test_a_client_trusting_the_ca_gets_through(trusted_call: grpc.aio.Chan
 
 
 async def test_a_client_trusting_another_ca_or_speaking_plaintext_is_refused(
-    trusted_call: grpc.aio.Channel, tls_gateway: str, pki: Pki
+    stack: Stack, trusted_call: grpc.aio.Channel, tls_gateway: str, pki: Pki
 ) -> None:
     # trusted_call proves the gateway is up, so each refusal below is the handshake's.
-    async with channel(tls_gateway, str(pki.other_ca)) as wrong_ca:
+    async with gateway_channel(tls_gateway, token=stack.token, ca=str(pki.other_ca)) as wrong_ca:
         assert await _list(wrong_ca, within=3) == grpc.StatusCode.UNAVAILABLE
-    async with channel(tls_gateway) as plaintext:
+    async with gateway_channel(tls_gateway, token=stack.token) as plaintext:
         assert await _list(plaintext, within=3) == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_with_a_client_ca_only_clients_with_its_certificate_get_through(mtls_gateway: str, pki: Pki) -> None:
-    async with channel(mtls_gateway, str(pki.ca), str(pki.client_cert), str(pki.client_key)) as with_cert:
+async def test_with_a_client_ca_only_clients_with_its_certificate_get_through(
+    stack: Stack, mtls_gateway: str, pki: Pki
+) -> None:
+    async with gateway_channel(
+        mtls_gateway, token=stack.token, ca=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key)
+    ) as with_cert:
         await asyncio.wait_for(with_cert.channel_ready(), 60)
         assert await _list(with_cert) == grpc.StatusCode.OK
-    async with channel(mtls_gateway, str(pki.ca)) as without_cert:
+    async with gateway_channel(mtls_gateway, token=stack.token, ca=str(pki.ca)) as without_cert:
         assert await _list(without_cert, within=3) == grpc.StatusCode.UNAVAILABLE

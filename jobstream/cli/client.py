@@ -20,6 +20,8 @@ import grpc
 
 from jobstream.cli import render
 from jobstream.events import is_terminal, to_struct
+from jobstream.gateway_channel import gateway_channel
+from jobstream.local_files import DEV_TOKEN_FILE, read_local
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 
@@ -258,20 +260,13 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def channel(gateway: str, ca: str = "", cert: str = "", key: str = "") -> grpc.aio.Channel:
-    """Plaintext, or TLS verified against the `ca` file (with a client certificate for mTLS)."""
-    if not ca:
-        return grpc.aio.insecure_channel(gateway, options=CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes(),
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
-    )
-    return grpc.aio.secure_channel(gateway, credentials, options=CHANNEL_OPTIONS)
+def channel(gateway: str, token: str = "", ca: str = "", cert: str = "", key: str = "") -> grpc.aio.Channel:
+    return gateway_channel(gateway, token=token, ca=ca, cert=cert, key=key, options=CHANNEL_OPTIONS)
 
 
 async def _call(command: Command, args: argparse.Namespace) -> int:
-    async with channel(args.gateway, args.ca, args.cert, args.key) as chan:
+    token = args.token or read_local(DEV_TOKEN_FILE)
+    async with channel(args.gateway, token, args.ca, args.cert, args.key) as chan:
         return await command(pb_grpc.JobServiceStub(chan), args, sys.stdout)
 
 

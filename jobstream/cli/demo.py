@@ -27,6 +27,7 @@ from jobstream.cli import client, render
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import ChildProcess
 from jobstream.events import from_struct, to_struct
+from jobstream.local_files import DEV_TOKEN_FILE, read_local
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 
@@ -91,7 +92,8 @@ def run_demo(state_dir: Path, *, plain: bool) -> int:
             if gateway is None:
                 return 1
             _say(f"up in {time.monotonic() - started:.1f}s; gateway {gateway}")
-            summary = asyncio.run(_jobs(gateway, plain=plain))
+            token = read_local(DEV_TOKEN_FILE, state_dir)
+            summary = asyncio.run(_jobs(gateway, token, plain=plain))
         except (grpc.aio.AioRpcError, client.WatchLost) as err:
             detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.aio.AioRpcError) else str(err)
             _fail(f"a call to the gateway failed: {detail} (logs in {state_dir / 'logs'})")
@@ -135,9 +137,9 @@ def _stop(up: ChildProcess) -> bool:
     return True
 
 
-async def _jobs(gateway: str, *, plain: bool) -> str | None:
+async def _jobs(gateway: str, token: str, *, plain: bool) -> str | None:
     """Runs both jobs; the final summary line when both succeeded, else None (after saying why)."""
-    async with client.channel(gateway) as chan:
+    async with client.channel(gateway, token) as chan:
         stub = pb_grpc.JobServiceStub(chan)
         _say(f"demo.sleep: {SLEEP_CHUNKS} chunks of {SLEEP_MS} ms on {WORKERS} workers")
         sleep = await _run(stub, "demo.sleep", {"chunks": SLEEP_CHUNKS, "ms": SLEEP_MS}, b"", plain=plain)

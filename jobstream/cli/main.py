@@ -11,7 +11,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from jobstream.local_files import DATABASE_URL_FILE, DEV_TOKEN_FILE, STATE_DIR
 from jobstream.v1 import jobstream_pb2 as pb
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -69,6 +71,11 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         help=f"the gateway to call (default $JOBSTREAM_GATEWAY or {DEFAULT_GATEWAY})",
     )
     for flag, env, what in (
+        (
+            "--token",
+            "JOBSTREAM_TOKEN",
+            f"API key; without it, the local stack's {STATE_DIR / DEV_TOKEN_FILE} if present",
+        ),
         ("--ca", "JOBSTREAM_CA", "CA certificate (PEM) to verify a TLS gateway with; without it the call is plaintext"),
         ("--cert", "JOBSTREAM_CLIENT_CERT", "client certificate (PEM) for a gateway that requires one"),
         ("--key", "JOBSTREAM_CLIENT_KEY", "the client certificate's private key (PEM)"),
@@ -92,6 +99,35 @@ def _plain_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plain", action="store_true", help="one line per event even on a terminal (always so when piped)"
     )
+
+
+def _admin_commands(sub: Any) -> None:
+    """`tenants` and `keys`: operator commands that talk to Postgres itself, not to the gateway."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=os.environ.get("JOBSTREAM_DATABASE_URL", ""),
+        help=f"(default $JOBSTREAM_DATABASE_URL, else the local stack's {STATE_DIR / DATABASE_URL_FILE})",
+    )
+    tenants = sub.add_parser("tenants", help="create and list tenants").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = tenants.add_parser("create", parents=[common], help="create a tenant")
+    create.add_argument("tenant", metavar="TENANT", help="its id: lower-case letters, digits and dashes")
+    create.add_argument("--name", default="", help="a display name (default the id)")
+    tenants.add_parser("list", parents=[common], help="list tenants")
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", parents=[common], help="create a key and print its token (shown only now)")
+    create.add_argument("--tenant", required=True, metavar="TENANT", help="the tenant the key acts as")
+    create.add_argument("--name", default="", help="what the key is for")
+    revoke = keys.add_parser("revoke", parents=[common], help="revoke a key: its next call is refused")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    listing = keys.add_parser("list", parents=[common], help="list keys (never their secrets)")
+    listing.add_argument("--tenant", default="", metavar="TENANT", help="only this tenant's keys")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--page-size", type=_page_size, default=50, metavar="N", help="jobs per page (default 50)")
     listing.add_argument("--all", action="store_true", help="follow every page, not only the first")
 
+    _admin_commands(sub)
+
     # Its options belong to up.py, which is imported only when `up` runs; see main().
     sub.add_parser("up", add_help=False, help="run Postgres, the broker and every service here until Ctrl-C")
 
@@ -171,6 +209,10 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         return _run_up(extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("tenants", "keys"):
+        from jobstream.cli import admin
+
+        return admin.run(args)
     if args.command == "demo":
         from jobstream.cli.demo import run_demo
 

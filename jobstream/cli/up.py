@@ -27,8 +27,10 @@ import grpc
 from jobstream.config import Settings, SettingsError
 from jobstream.db import apply_schema
 from jobstream.embedded.broker import EmbeddedBroker
+from jobstream.embedded.dev_key import provision_dev_token
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.embedded.procs import ChildProcess
+from jobstream.local_files import DATABASE_URL_FILE, DEV_TOKEN_FILE, STATE_DIR, write_secret
 from jobstream.topics import ensure_topics
 
 GATEWAY_READY_TIMEOUT = 60.0
@@ -57,9 +59,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(".jobstream"),
+        default=STATE_DIR,
         metavar="DIR",
-        help="Postgres data and logs (default .jobstream)",
+        help=f"Postgres data, logs, the dev API key and the database URL (default {STATE_DIR})",
     )
     parser.add_argument(
         "--ready-file",
@@ -161,6 +163,9 @@ class _Stack:
             self.ready_file.unlink(missing_ok=True)
         self.settings = dataclasses.replace(self.settings, database_url=self._database(), kafka_bootstrap=self._kafka())
         asyncio.run(apply_schema(self.settings.database_url))
+        # Kept with the state, so the CLI's `tenants` and `keys` commands find this stack's Postgres.
+        write_secret(self.state_dir / DATABASE_URL_FILE, self.settings.database_url)
+        asyncio.run(provision_dev_token(self.settings.database_url, self.state_dir / DEV_TOKEN_FILE))
         asyncio.run(ensure_topics(self.settings))
         self._start_services()
         self._wait_for_gateway()
@@ -229,7 +234,8 @@ class _Stack:
         print(
             f"jobstream up: gateway {target}, {self.workers} worker{'' if self.workers == 1 else 's'}, "
             f"postgres {_redact(self.settings.database_url)}, kafka {self.settings.kafka_bootstrap} "
-            f"(logs in {_shown(self.logs)}; Ctrl-C to stop)",
+            f"(logs in {_shown(self.logs)}; the dev tenant's API key is in {_shown(self.state_dir / DEV_TOKEN_FILE)}; "
+            "Ctrl-C to stop)",
             flush=True,
         )
         if self.ready_file is not None:

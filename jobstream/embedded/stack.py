@@ -14,9 +14,12 @@ import grpc
 from jobstream.config import Settings
 from jobstream.db import apply_schema
 from jobstream.embedded.broker import EmbeddedBroker
+from jobstream.embedded.dev_key import provision_dev_token
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.embedded.procs import ChildProcess, log_tails, stop_services
+from jobstream.gateway_channel import gateway_channel
+from jobstream.local_files import DEV_TOKEN_FILE
 from jobstream.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +33,7 @@ class LocalStack:
     database_url: str = ""
     bootstrap: str = ""
     gateway_addr: str = ""
+    token: str = ""  # the dev tenant's API key, also in root/dev-token
     services: dict[str, ChildProcess] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     env_overrides: dict[str, str] = field(default_factory=dict)
@@ -78,12 +82,17 @@ class LocalStack:
         self.bootstrap = await asyncio.to_thread(self.broker.start)
         self.gateway_addr = f"127.0.0.1:{free_port()}"
         await apply_schema(self.database_url)
+        self.token = await provision_dev_token(self.database_url, self.root / DEV_TOKEN_FILE)
         await ensure_topics(self.settings)
         self.start_service("scheduler", "services.scheduler")
         self.start_service("gateway", "services.gateway")
         for i in range(1, workers + 1):
             self.start_worker(f"worker-{i}")
         await self.wait_gateway()
+
+    def channel(self, token: str | None = None) -> grpc.aio.Channel:
+        """A channel to the gateway whose calls carry `token` (default the dev tenant's key)."""
+        return gateway_channel(self.gateway_addr, token=self.token if token is None else token)
 
     async def wait_gateway(self, within: float = 60) -> None:
         async with grpc.aio.insecure_channel(self.gateway_addr) as channel:

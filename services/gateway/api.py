@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from jobstream import api_keys
 from jobstream.config import Settings
 from jobstream.errors import InvalidArgument, ResourceExhausted
 from jobstream.job_options import options_from_proto
@@ -28,8 +29,6 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MAX_IDEMPOTENCY_KEY = 200
 MAX_REASON = 1000
-# Until API keys exist every caller is this tenant; every query is already scoped by tenant.
-DEFAULT_TENANT = "default"
 
 
 def _params_json(params: struct_pb2.Struct) -> dict[str, Any]:
@@ -49,11 +48,14 @@ class JobService(pb_grpc.JobServiceServicer):
         self._hub = hub
         self._quotas = quotas
 
-    def _tenant(self, context: Context) -> str:
-        return DEFAULT_TENANT
+    async def _tenant(self, context: Context) -> str:
+        """The caller's tenant, from its API key; looked up on every call so a revoked key is
+        refused from its next call on, on every gateway."""
+        token = api_keys.bearer_token(context.invocation_metadata())
+        return await self._store.tenant_of(token)
 
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
-        tenant = self._tenant(context)
+        tenant = await self._tenant(context)
         self._quotas.admit_submit(tenant)
         job = self._validate_submit(request, tenant)
         row, created = await self._store.create(job)
@@ -83,25 +85,28 @@ class JobService(pb_grpc.JobServiceServicer):
         return NewJob(tenant_id, request.kind, params, request.input, request.idempotency_key, options)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
-        row = await self._store.get(self._tenant(context), parse_job_id(request.job_id))
+        tenant = await self._tenant(context)
+        row = await self._store.get(tenant, parse_job_id(request.job_id))
         return job_to_proto(row)
 
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
+        tenant = await self._tenant(context)
         job_id = parse_job_id(request.job_id)
         if len(request.reason) > MAX_REASON:
             raise InvalidArgument(f"reason: at most {MAX_REASON} characters", field="reason")
-        row = await self._store.request_cancel(self._tenant(context), job_id, request.reason)
+        row = await self._store.request_cancel(tenant, job_id, request.reason)
         self._relay.wake()
         return pb.CancelResponse(job=job_to_proto(row))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        tenant = await self._tenant(context)
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         if page_size > MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size: at most {MAX_PAGE_SIZE}, got {page_size}", field="page_size")
         if request.state not in pb.JobState.values():
             raise InvalidArgument(f"state: unknown job state {request.state}", field="state")
         rows, token = await self._store.list_jobs(
-            self._tenant(context),
+            tenant,
             page_size=page_size,
             page_token=request.page_token,
             state=request.state,
@@ -110,8 +115,8 @@ class JobService(pb_grpc.JobServiceServicer):
         return pb.ListJobsResponse(jobs=[job_to_proto(r) for r in rows], next_page_token=token)
 
     async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
+        tenant = await self._tenant(context)
         job_id = parse_job_id(request.job_id)
-        tenant = self._tenant(context)
         job = await self._store.get(tenant, job_id)
         if request.after_seq > job["last_seq"]:
             raise InvalidArgument(

@@ -1,7 +1,8 @@
 """The gateway's cross-cutting concerns as a chain of server interceptors.
 
 Order (outermost first): metrics see the final status code of every call; error mapping turns
-domain errors into status codes once, so handlers only raise.
+domain errors into status codes once, so handlers only raise. An unreachable Postgres is
+UNAVAILABLE, the code clients retry on, rather than an unexplained UNKNOWN.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from jobstream import errors
+from jobstream.db import DATABASE_UNAVAILABLE
 from services.gateway.metrics import GRPC_LATENCY, GRPC_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ STATUS_OF: dict[type[errors.JobstreamError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
 }
+
+
+DATABASE_DOWN = "the job database is unreachable; retry shortly"
 
 
 def status_of(err: errors.JobstreamError) -> grpc.StatusCode:
@@ -128,6 +133,9 @@ class ErrorMappingInterceptor(WrappingInterceptor):
                 return await inner(request, context)
             except errors.JobstreamError as err:
                 await self._abort(context, err)
+            except DATABASE_UNAVAILABLE as err:
+                log.warning("%s: %s: %s", method, DATABASE_DOWN, err)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_DOWN)
             except Exception:
                 log.exception("unexpected error in %s", method)
                 raise
@@ -142,6 +150,9 @@ class ErrorMappingInterceptor(WrappingInterceptor):
                     yield item
             except errors.JobstreamError as err:
                 await self._abort(context, err)
+            except DATABASE_UNAVAILABLE as err:
+                log.warning("%s: %s: %s", method, DATABASE_DOWN, err)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_DOWN)
             except Exception:
                 log.exception("unexpected error in %s", method)
                 raise

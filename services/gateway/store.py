@@ -18,7 +18,7 @@ from typing import Any
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from jobstream import topics
+from jobstream import api_keys, topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from jobstream.events import dumps, now_timestamp
@@ -153,6 +153,10 @@ class JobStore:
                 f"idempotency_key {key!r} was already used for job {row['id']} with a different request"
             )
         return row
+
+    async def tenant_of(self, token: str) -> str:
+        async with self._pool.connection() as conn:
+            return await api_keys.tenant_of(conn, token)
 
     async def get(self, tenant_id: str, job_id: uuid.UUID) -> JobRow:
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from jobstream.bus.v1 import bus_pb2
@@ -33,15 +34,40 @@ class Stop(Exception):
     """Why a running chunk was interrupted."""
 
 
+class ChunkView:
+    """The ChunkContext a kind's code is handed: this chunk's identity, a copy of its job's params,
+    progress reports for this chunk and nothing else. No pool, producer, worker or other chunk is
+    reachable through it, so a kind cannot touch another job's data by way of its context.
+
+    (Code in the worker process is trusted code an operator installed; this keeps honest code
+    honest, it is not a sandbox against hostile code.)
+    """
+
+    __slots__ = ("_run", "attempt", "chunk_index", "job_id", "params")
+
+    def __init__(self, run: ChunkRun) -> None:
+        self._run = run
+        self.job_id = run.job_id
+        self.chunk_index = run.chunk_index
+        self.attempt = run.attempt
+        self.params: Mapping[str, Any] = MappingProxyType(json.loads(run.task.params_json or b"{}"))
+
+    @property
+    def cancelled(self) -> bool:
+        return self._run.cancelled
+
+    async def report(self, fraction: float, message: str = "") -> None:
+        await self._run.report(fraction, message)
+
+
 class ChunkRun:
-    """One attempt of one chunk on this worker; it is also the ChunkContext the kind sees."""
+    """One attempt of one chunk on this worker."""
 
     def __init__(self, task: bus_pb2.ChunkTask, worker_id: str, report: Report) -> None:
         self.task = task
         self.job_id = task.job_id
         self.chunk_index = task.chunk_index
         self.attempt = task.attempt
-        self.params: Mapping[str, Any] = json.loads(task.params_json or b"{}")
         self._worker_id = worker_id
         self._report = report
         self._cancelled = False
@@ -121,7 +147,7 @@ class ChunkRun:
 
     async def _execute(self) -> bytes:
         kind = get_kind(self.task.kind)
-        work = kind.run(self, self.task.payload)
+        work = kind.run(ChunkView(self), self.task.payload)
         if self.task.timeout_ms:
             result = await asyncio.wait_for(work, self.task.timeout_ms / 1000)
         else:
@@ -129,9 +155,12 @@ class ChunkRun:
         try:
             encoded = dumps(result).encode()
         except (TypeError, ValueError) as err:
-            raise ChunkError(f"the chunk's result is not JSON-serialisable: {err}") from None
+            # Running it again would return the same thing: fail the chunk for good.
+            raise ChunkError(f"the chunk's result is not JSON-serialisable: {err}", retryable=False) from None
         if len(encoded) > MAX_RESULT_BYTES:
-            raise ChunkError(f"the chunk's result is {len(encoded)} bytes; at most {MAX_RESULT_BYTES} are allowed")
+            raise ChunkError(
+                f"the chunk's result is {len(encoded)} bytes; at most {MAX_RESULT_BYTES} are allowed", retryable=False
+            )
         return encoded
 
     async def _fail(self, error: str, *, permanent: bool = False) -> None:
