@@ -9,7 +9,6 @@ A test whose tool is missing is skipped with the install command, never failed.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import os
@@ -384,8 +383,14 @@ def test_each_service_runs_its_entrypoint_with_probes(
         assert probe in container, f"{service} has a {probe}"
     if service == "gateway":
         assert ports["grpc"] == 50051
-        assert container["startupProbe"]["grpc"]["port"] == 50051
-        assert container["livenessProbe"]["grpc"]["port"] == 50051
+        tls = any(e["name"] == "JOBSTREAM_GATEWAY_TLS_CERT" for e in container["env"])
+        for probe in ("startupProbe", "livenessProbe"):
+            if tls:
+                # Native gRPC probes speak plaintext only: with TLS on the gRPC port they use /livez.
+                assert "grpc" not in container[probe], f"{overlay}: a plaintext gRPC {probe} on a TLS port"
+                assert container[probe]["httpGet"] == {"path": "/livez", "port": "metrics"}
+            else:
+                assert container[probe]["grpc"]["port"] == 50051
     else:
         assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
@@ -483,23 +488,61 @@ def test_disruption_budgets_select_their_service(rendered: dict[str, Rendered], 
 
 def test_secrets_come_from_outside_the_repository(rendered: dict[str, Rendered]) -> None:
     dev, prod = rendered["dev"], rendered["prod"]
-    assert not prod.of_kind("Secret"), "prod commits no Secret; it comes from the secret manager"
+    for r in (dev, prod):
+        assert not r.of_kind("Secret"), f"{r.name} commits no Secret"
+        # API keys live hashed in Postgres (managed with `jobstream keys`), never in the manifests.
+        assert "JOBSTREAM_API_KEYS" not in r.text and "jobstream-api-keys" not in r.text, r.name
+    assert not dev.of_kind("ExternalSecret"), "dev serves plaintext and needs no Secret of its own"
     (external,) = prod.of_kind("ExternalSecret")
-    assert external["spec"]["target"]["name"] == "jobstream-api-keys"
-    (placeholder,) = dev.of_kind("Secret")
-    assert placeholder["metadata"]["name"].startswith("jobstream-api-keys")
-    values = [base64.b64decode(v).decode() for v in placeholder["data"].values()]
-    assert all("REPLACE-ME" in v for v in values), "dev's secret values are marked as placeholders"
+    target = external["spec"]["target"]
+    assert target["name"] == "jobstream-gateway-tls"
+    assert target["template"]["type"] == "kubernetes.io/tls"
+    assert set(target["template"]["data"]) == {"tls.crt", "tls.key"}
+    fetched = {d["secretKey"] for d in external["spec"]["data"]}
+    for key, template in target["template"]["data"].items():
+        used = set(re.findall(r"\{\{\s*\.(\w+)\s*\}\}", template))
+        assert used and used <= fetched, f"{key} is built from keys the ExternalSecret fetches"
     for r in (dev, prod):
         provided = {s["metadata"]["name"] for s in r.of_kind("Secret")}
         provided |= {e["spec"]["target"]["name"] for e in r.of_kind("ExternalSecret")}
         provided |= {f"{c['metadata']['name']}-app" for c in r.of_kind("Cluster")}  # made by CloudNativePG
         for service in SERVICES:
-            for _, container in _containers(r.deployment(service)):
+            deployment = r.deployment(service)
+            for volume in _pod_spec(deployment).get("volumes", []):
+                if "secret" in volume:
+                    name = volume["secret"]["secretName"]
+                    assert name in provided, f"{r.name}/{service}: Secret {name} comes from nowhere"
+            for _, container in _containers(deployment):
                 for env in container.get("env", []):
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
                         assert ref["name"] in provided, f"{r.name}/{service}: Secret {ref['name']} comes from nowhere"
+
+
+def test_prod_gateway_serves_tls_from_its_secret_and_dev_plaintext(rendered: dict[str, Rendered]) -> None:
+    for r in rendered.values():
+        pod = _pod_spec(r.deployment("gateway"))
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value", "") for e in container["env"]}
+        grpc_port = {p["name"]: p for p in r.one("Service", "jobstream-gateway")["spec"]["ports"]}["grpc"]
+        tls_settings = {k: v for k, v in {**r.config(), **env}.items() if k.startswith("JOBSTREAM_GATEWAY_TLS")}
+        if r.name == "dev":
+            assert not tls_settings, "dev serves plaintext gRPC"
+            assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+            continue
+        (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "jobstream-gateway-tls"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True
+        assert volume["secret"]["defaultMode"] & 0o007 == 0, "the private key is not world-readable"
+        assert tls_settings == {
+            "JOBSTREAM_GATEWAY_TLS_CERT": f"{mount['mountPath']}/tls.crt",
+            "JOBSTREAM_GATEWAY_TLS_KEY": f"{mount['mountPath']}/tls.key",
+        }
+        Settings.from_env({**r.config(), **env})  # the gateway accepts these settings
+        assert "appProtocol" not in grpc_port, "the gRPC port is no longer cleartext h2c"
+        # The scheduler and workers serve no TLS and do not see the gateway's key.
+        for service in ("scheduler", "worker"):
+            assert "jobstream-gateway-tls" not in json.dumps(r.deployment(service)), service
 
 
 def _selects(selector: Doc, labels: dict[str, str]) -> bool:
