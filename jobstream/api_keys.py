@@ -71,17 +71,45 @@ def bearer_token(metadata: Any) -> str:
     return token.strip()
 
 
+async def tenants_of(conn: Connection, tokens: list[str]) -> list[str | Unauthenticated]:
+    """For each token, the tenant of its valid, unrevoked key, or why it is refused; one query
+    for all of them."""
+    outcomes: list[str | Unauthenticated] = []
+    parsed: list[tuple[str, str] | None] = []
+    for token in tokens:
+        try:
+            parsed.append(parse_token(token))
+        except Unauthenticated as err:
+            parsed.append(None)
+            outcomes.append(err)
+            continue
+        outcomes.append("")
+    key_ids = sorted({p[0] for p in parsed if p is not None})
+    rows: dict[str, tuple[str, bytes]] = {}
+    if key_ids:
+        cur = await conn.execute(
+            "SELECT id, tenant_id, secret_sha256 FROM api_keys WHERE id = ANY(%s) AND revoked_at IS NULL", (key_ids,)
+        )
+        rows = {str(r[0]): (str(r[1]), bytes(r[2])) for r in await cur.fetchall()}
+    for i, key in enumerate(parsed):
+        if key is None:
+            continue
+        key_id, secret = key
+        row = rows.get(key_id)
+        # Compared in constant time, and the same answer for an unknown, a revoked and a wrong key.
+        if row is None or not hmac.compare_digest(row[1], _digest(secret)):
+            outcomes[i] = Unauthenticated(f"API key {key_id} is unknown, revoked or wrong")
+        else:
+            outcomes[i] = row[0]
+    return outcomes
+
+
 async def tenant_of(conn: Connection, token: str) -> str:
     """The tenant a valid, unrevoked key belongs to."""
-    key_id, secret = parse_token(token)
-    cur = await conn.execute(
-        "SELECT tenant_id, secret_sha256 FROM api_keys WHERE id = %s AND revoked_at IS NULL", (key_id,)
-    )
-    row = await cur.fetchone()
-    # Compared in constant time, and the same answer for an unknown, a revoked and a wrong key.
-    if row is None or not hmac.compare_digest(bytes(row[1]), _digest(secret)):
-        raise Unauthenticated(f"API key {key_id} is unknown, revoked or wrong")
-    return str(row[0])
+    (outcome,) = await tenants_of(conn, [token])
+    if isinstance(outcome, Unauthenticated):
+        raise outcome
+    return outcome
 
 
 def check_tenant_id(tenant_id: str) -> None:

@@ -12,19 +12,21 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
+from google.protobuf.message import DecodeError, Message
 
 from jobstream.config import Settings
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 PARTITION_CHECK_SECONDS = 5.0
 # Clients refresh metadata this often. Group members notice a topic whose partitions changed (a
@@ -255,3 +257,20 @@ async def _wait_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
             log.warning("waiting for topic %s to exist", topic)
             warned = True
         await asyncio.sleep(0.5)
+
+
+def decode(message_type: type[M], record: ConsumerRecord[Any, Any]) -> M | None:
+    """The record's value as `message_type`, or None (logged) when it is not one: a malformed
+    message is skipped, it must not stop the consumer and every message behind it."""
+    try:
+        return message_type.FromString(record.value or b"")
+    except DecodeError as err:
+        log.error(
+            "skipping unreadable %s at %s[%d]@%d: %s",
+            message_type.DESCRIPTOR.name,
+            record.topic,
+            record.partition,
+            record.offset,
+            err,
+        )
+        return None

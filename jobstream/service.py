@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from jobstream.config import Settings, SettingsError
 from jobstream.kinds import load_kinds
@@ -51,6 +52,33 @@ def setup_logging(settings: Settings, service: str) -> None:
 STOP_GRACE_SECONDS = 10.0
 
 
+class _Process:
+    """The running service's stop event, and whether an essential task failed."""
+
+    stop: asyncio.Event | None = None
+    failed = False
+
+
+def essential(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    """Starts a background task the service cannot work without (the outbox relay, the updates
+    feed, the heartbeat). Such a loop handles the outages it expects itself; if it ends anyway
+    (a bug), the service stops and exits 1, so its supervisor restarts a whole process instead
+    of one that looks alive and ready while a piece of it is gone."""
+    task = asyncio.create_task(coro, name=name)
+
+    def ended(done: asyncio.Task[Any]) -> None:
+        if done.cancelled() or (_Process.stop is not None and _Process.stop.is_set()):
+            return
+        err = done.exception()
+        logging.getLogger(__name__).error("%s ended unexpectedly; stopping the service", name, exc_info=err)
+        _Process.failed = True
+        if _Process.stop is not None:
+            _Process.stop.set()
+
+    task.add_done_callback(ended)
+    return task
+
+
 def _hard_exit(service: str, why: str) -> None:
     logging.getLogger(service).error("%s exiting at once: %s", service, why)
     logging.shutdown()
@@ -58,7 +86,8 @@ def _hard_exit(service: str, why: str) -> None:
 
 
 def run(service: str, serve: Serve) -> None:
-    """Runs `serve` until SIGINT/SIGTERM; exits 2 on bad settings, 1 when serve fails."""
+    """Runs `serve` until SIGINT/SIGTERM; exits 2 on bad settings, 1 when serve or an essential
+    task fails."""
     try:
         settings = Settings.from_env()
     except SettingsError as err:
@@ -68,7 +97,7 @@ def run(service: str, serve: Serve) -> None:
     load_kinds(settings.kind_modules)
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop = _Process.stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:
@@ -88,3 +117,5 @@ def run(service: str, serve: Serve) -> None:
     except Exception:
         logging.getLogger(service).exception("%s stopped on an error", service)
         raise SystemExit(1) from None
+    if _Process.failed:
+        raise SystemExit(1)

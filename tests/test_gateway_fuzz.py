@@ -13,6 +13,11 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+# Imported here, at collection, rather than lazily by Hypothesis in the middle of a run: pytest
+# rewrites the plugin's modules as they are imported, and CPython 3.11 can fail that compile from
+# deep inside a running test ("AST constructor recursion depth mismatch", CPython gh-106905).
+from hypothesis.internal.conjecture import optimiser, shrinker  # noqa: F401
+
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.helpers import count_jobs
 

@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream.config import Settings
+from jobstream.db import DATABASE_UNAVAILABLE
 from services.gateway.metrics import OUTBOX_BACKLOG
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class OutboxRelay:
             try:
                 sent = await self.relay_once()
                 backoff = 0.1
-            except (TimeoutError, KafkaError, OSError) as err:
-                log.warning("outbox relay: broker unavailable (%s); retrying in %.1fs", err, backoff)
+            except (TimeoutError, KafkaError, OSError, *DATABASE_UNAVAILABLE) as err:
+                # Rows stay in the outbox until a round that reached both sends them.
+                log.warning("outbox relay: %s (%s); retrying in %.1fs", _which(err), err, backoff)
                 sent = 0
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -81,3 +83,7 @@ class OutboxRelay:
             ]
             await asyncio.wait_for(asyncio.gather(*futures), timeout=15)
         return len(rows)
+
+
+def _which(err: BaseException) -> str:
+    return "Postgres unavailable" if isinstance(err, DATABASE_UNAVAILABLE) else "broker unavailable"

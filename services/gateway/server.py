@@ -16,6 +16,7 @@ from jobstream.config import Settings
 from jobstream.db import open_pool
 from jobstream.kafka import make_producer
 from jobstream.observability import OpsServer, combine, postgres_ready, watch_pool
+from jobstream.service import essential
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from services.gateway.api import JobService
@@ -52,7 +53,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     hub = UpdatesHub(settings, store)
     await hub.start()
     relay_stop = asyncio.Event()
-    relay_task = asyncio.create_task(relay.run(relay_stop))
+    relay_task = essential(relay.run(relay_stop), "outbox relay")
     watch_pool(pool)
     background = [asyncio.create_task(relay.track_backlog())]
     ops = OpsServer(settings.metrics_port, combine(lambda: postgres_ready(pool), hub.kafka_ready))

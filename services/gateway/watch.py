@@ -23,8 +23,9 @@ from aiokafka.errors import KafkaError
 from jobstream import topics
 from jobstream.config import Settings
 from jobstream.events import is_terminal
-from jobstream.kafka import assign_all_from_end, follow_partition_changes, make_broadcast_consumer
+from jobstream.kafka import assign_all_from_end, decode, follow_partition_changes, make_broadcast_consumer
 from jobstream.observability import kafka_ready
+from jobstream.service import essential
 from jobstream.v1 import jobstream_pb2 as pb
 from services.gateway.metrics import EVENT_LATENCY, WATCH_STREAMS
 from services.gateway.store import JobStore
@@ -81,9 +82,9 @@ class UpdatesHub:
         topic = self._settings.topic(topics.UPDATES)
         await assign_all_from_end(self._consumer, topic)
         self._tasks = [
-            asyncio.create_task(self._follow()),
-            asyncio.create_task(self._check_behind()),
-            asyncio.create_task(follow_partition_changes(self._consumer, topic)),
+            essential(self._follow(), "updates feed"),
+            essential(self._check_behind(), "watch check"),
+            essential(follow_partition_changes(self._consumer, topic), "updates partition watch"),
         ]
 
     async def stop(self) -> None:
@@ -122,7 +123,9 @@ class UpdatesHub:
                     subs = self._subs.get(record.key.decode()) if record.key else None
                     if not subs:
                         continue
-                    event = pb.JobEvent.FromString(record.value)
+                    event = decode(pb.JobEvent, record)
+                    if event is None:
+                        continue  # the stream reads the event it misses from Postgres
                     for sub in subs:
                         sub.push(event)
 

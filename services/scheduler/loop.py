@@ -23,7 +23,7 @@ from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
 from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, retry_conflicts
-from jobstream.kafka import GroupMember, rewind_to_committed
+from jobstream.kafka import GroupMember, decode, rewind_to_committed
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
 from services.scheduler.reconcile import Reconciler
@@ -128,23 +128,19 @@ class Scheduler:
             topic = self._topic_of.get(record.topic)
             try:
                 if topic == topics.SUBMITTED:
-                    submitted = bus_pb2.JobSubmitted.FromString(record.value)
-                    work[uuid.UUID(submitted.job_id)].submitted = True
+                    submitted = decode(bus_pb2.JobSubmitted, record)
+                    if submitted is not None:
+                        work[uuid.UUID(submitted.job_id)].submitted = True
                 elif topic == topics.PROGRESS:
-                    report = bus_pb2.ChunkReport.FromString(record.value)
-                    work[uuid.UUID(report.job_id)].reports.append(report)
+                    report = decode(bus_pb2.ChunkReport, record)
+                    if report is not None:
+                        work[uuid.UUID(report.job_id)].reports.append(report)
                 elif topic == topics.CONTROL:
-                    control = bus_pb2.JobControl.FromString(record.value)
-                    if control.type == bus_pb2.CANCEL:
+                    control = decode(bus_pb2.JobControl, record)
+                    if control is not None and control.type == bus_pb2.CANCEL:
                         work[uuid.UUID(control.job_id)].cancel_reason = control.reason
-            except ValueError as err:  # a malformed message must not stop every job behind it
-                log.error(
-                    "skipping unreadable message at %s[%d]@%d: %s",
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    err,
-                )
+            except ValueError as err:  # a well-formed message naming no job: skip it, not every job behind it
+                log.error("skipping message at %s[%d]@%d: %s", record.topic, record.partition, record.offset, err)
         return work
 
     def _add_due(self, work: dict[uuid.UUID, JobWork]) -> None:

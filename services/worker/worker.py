@@ -24,10 +24,12 @@ from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, broker_ep
 from jobstream.kafka import (
     GroupMember,
     assign_all_from_end,
+    decode,
     follow_partition_changes,
     make_broadcast_consumer,
     rewind_to_committed,
 )
+from jobstream.service import essential
 from services.worker import claims, metrics
 from services.worker.runner import ChunkRun
 
@@ -67,9 +69,9 @@ class Worker:
         control = self._settings.topic(topics.CONTROL)
         await assign_all_from_end(self._control, control)
         helpers = [
-            asyncio.create_task(self._listen_control()),
-            asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(follow_partition_changes(self._control, control)),
+            essential(self._listen_control(), "cancel listener"),
+            essential(self._heartbeat(), "lease heartbeat"),
+            essential(follow_partition_changes(self._control, control), "control partition watch"),
         ]
         try:
             await self._fetch_loop(stop)
@@ -95,7 +97,8 @@ class Worker:
                 self._renew = False
                 await self._member.renew()
             batch = await self._member.consumer.getmany(timeout_ms=200, max_records=free)
-            tasks = [bus_pb2.ChunkTask.FromString(r.value) for rs in batch.values() for r in rs]
+            decoded = [decode(bus_pb2.ChunkTask, r) for rs in batch.values() for r in rs]
+            tasks = [t for t in decoded if t is not None]
             if not tasks:
                 continue
             wanted = [t for t in tasks if t.job_id not in self._cancelled]
@@ -141,8 +144,8 @@ class Worker:
             now = time.monotonic()
             for records in batch.values():
                 for record in records:
-                    control = bus_pb2.JobControl.FromString(record.value)
-                    if control.type == bus_pb2.CANCEL:
+                    control = decode(bus_pb2.JobControl, record)
+                    if control is not None and control.type == bus_pb2.CANCEL:
                         self._cancelled[control.job_id] = now
                         self.cancel_job(control.job_id)
             for job_id, seen in list(self._cancelled.items()):
