@@ -3,6 +3,7 @@ refused Submit writes nothing. Each test restarts the gateway with the quota it 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,21 @@ async def test_a_tenant_at_its_unfinished_jobs_quota_is_refused_until_one_ends(
     await own_client.Cancel(pb.CancelRequest(job_id=first.id))
     assert (await watch_all(own_client, first.id))[-1].type == pb.JOB_CANCELLED
     await own_client.Submit(_hanging())
+    await _cancel_unfinished(own_client)
+
+
+async def test_a_burst_of_concurrent_submits_admits_exactly_the_quota(
+    own: Stack, own_client: Client, own_db: Db
+) -> None:
+    await _gateway_with(own, JOBSTREAM_TENANT_MAX_UNFINISHED_JOBS="5")
+    await _cancel_unfinished(own_client)
+    before = await count_jobs(own_db)
+
+    outcomes = await asyncio.gather(*(own_client.Submit(_hanging()) for _ in range(20)), return_exceptions=True)
+
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(refused) == 15 and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused), outcomes
+    assert await count_jobs(own_db) == before + 5
     await _cancel_unfinished(own_client)
 
 

@@ -19,7 +19,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream import api_keys, topics
+from jobstream.batching import Coalescer
 from jobstream.bus.v1 import bus_pb2
+from jobstream.db import retry_conflicts
 from jobstream.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from jobstream.events import dumps, now_timestamp
 from jobstream.states import ChunkState, JobState
@@ -31,6 +33,8 @@ JOB_COLUMNS = (
     " progress_message, result, error, last_seq, cancel_requested_at, created_at, started_at, finished_at"
 )
 JobRow = dict[str, Any]
+Created = tuple[JobRow, bool]  # the job, and whether this call stored it
+Outcomes = list[Created | Exception | None]  # one per job of a batch; None while undecided
 
 
 @dataclass(frozen=True)
@@ -63,100 +67,171 @@ class JobStore:
         self._pool = pool
         self._partitions = job_partitions
         self._max_unfinished = max_unfinished  # per tenant; 0 = no limit
+        self._creates: Coalescer[NewJob, Created] = Coalescer(self.create_many)
+        self._tenants: Coalescer[str, str] = Coalescer(self._tenants_batch)
 
-    async def create(self, job: NewJob) -> tuple[JobRow, bool]:
+    async def create(self, job: NewJob) -> Created:
         """Stores the job with its first event and its outbox message; returns (row, created).
 
         With an idempotency key already used by this tenant, returns the existing job when the
-        request is the same, and raises AlreadyExists when it differs.
+        request is the same, and raises AlreadyExists when it differs. Concurrent calls share one
+        transaction (see jobstream.batching).
         """
-        job_id = uuid.uuid4()
-        request_hash = job.request_hash()
-        key = job.idempotency_key or None
-        queued = pb.JobEvent(
-            job_id=str(job_id),
-            seq=1,
-            type=pb.JOB_QUEUED,
-            state=pb.QUEUED,
-            progress=pb.Progress(),
-            time=now_timestamp(),
-            message="job queued",
-        )
-        submitted = bus_pb2.JobSubmitted(job_id=str(job_id), tenant_id=job.tenant_id)
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
-            await cur.execute(
-                "INSERT INTO jobs (id, tenant_id, partition, kind, params, options, deadline_at,"
-                " idempotency_key, request_hash, state, last_seq)"
-                " VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s, %s, %s, 1)"
-                " ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-                f" RETURNING {JOB_COLUMNS}",
-                (
-                    job_id,
-                    job.tenant_id,
-                    partition_of(str(job_id), self._partitions),
-                    job.kind,
-                    json.dumps(job.params),
-                    json.dumps(job.options),
-                    job.options.get("deadline_seconds"),
-                    key,
-                    request_hash,
-                    JobState.QUEUED,
-                ),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return await self._existing(cur, job.tenant_id, key, request_hash), False
-            await self._check_unfinished(cur, job.tenant_id)
-            if job.data:
-                await cur.execute("INSERT INTO job_inputs (job_id, data) VALUES (%s, %s)", (job_id, job.data))
-            await cur.execute(
-                "INSERT INTO job_events (job_id, seq, event) VALUES (%s, 1, %s)",
-                (job_id, queued.SerializeToString()),
-            )
-            await cur.execute(
-                "INSERT INTO outbox (topic, key, value) VALUES (%s, %s, %s)",
-                (topics.SUBMITTED, str(job_id).encode(), submitted.SerializeToString()),
-            )
-        return row, True
-
-    async def _check_unfinished(self, cur: Any, tenant_id: str) -> None:
-        """Refuses the job just inserted (its transaction rolls back) if it takes the tenant over
-        its quota of jobs queued or running at once."""
-        if self._max_unfinished <= 0:
-            return
-        await cur.execute(
-            "SELECT count(*) AS n FROM jobs WHERE tenant_id = %s AND state IN (%s, %s)",
-            (tenant_id, JobState.QUEUED, JobState.RUNNING),
-        )
-        row = await cur.fetchone()
-        if row is not None and row["n"] > self._max_unfinished:
-            raise ResourceExhausted(
-                f"tenant {tenant_id}: {self._max_unfinished} jobs are queued or running, the most allowed;"
-                " retry when one finishes",
-                retry_after_seconds=1.0,
-            )
-
-    async def _existing(self, cur: Any, tenant_id: str, key: str | None, request_hash: bytes) -> JobRow:
-        await cur.execute(
-            f"SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE tenant_id = %s AND idempotency_key = %s",
-            (tenant_id, key),
-        )
-        row: JobRow | None = await cur.fetchone()
-        if row is None:  # the conflicting job was deleted between the two statements
-            raise AlreadyExists(f"idempotency_key {key!r} is in use; submit again")
-        if bytes(row.pop("request_hash")) != request_hash:
-            raise AlreadyExists(
-                f"idempotency_key {key!r} was already used for job {row['id']} with a different request"
-            )
-        return row
+        return await self._creates(job)
 
     async def tenant_of(self, token: str) -> str:
+        return await self._tenants(token)
+
+    async def _tenants_batch(self, tokens: list[str]) -> list[str | Exception]:
         async with self._pool.connection() as conn:
-            return await api_keys.tenant_of(conn, token)
+            return list(await api_keys.tenants_of(conn, tokens))
+
+    async def create_many(self, jobs: list[NewJob]) -> list[Created | Exception]:
+        """Stores a batch of jobs, each with its first event and outbox message, in one
+        transaction; one outcome per job, in order: (row, created), or the error that job alone
+        gets. A reused idempotency key is resolved before any quota is applied, so a retried
+        Submit gets its job back even when the tenant is at its limit."""
+        hashes = [job.request_hash() for job in jobs]
+
+        async def transaction() -> list[Created | Exception]:
+            outcomes: Outcomes = [None] * len(jobs)
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor(row_factory=dict_row) as cur,
+            ):
+                await self._resolve_keys(cur, jobs, hashes, outcomes)
+                await self._refuse_over_quota(cur, jobs, outcomes)
+                # Sorted by key, so two batches inserting the same keys wait in one order, never a cycle.
+                pending = sorted(
+                    (i for i, outcome in enumerate(outcomes) if outcome is None),
+                    key=lambda i: (jobs[i].tenant_id, jobs[i].idempotency_key),
+                )
+                ids = {i: uuid.uuid4() for i in pending}
+                rows = await self._insert_jobs(cur, [(ids[i], jobs[i], hashes[i]) for i in pending])
+                created = [i for i in pending if ids[i] in rows]
+                for i in created:
+                    outcomes[i] = (rows[ids[i]], True)
+                # The key was taken by an earlier job of this batch or by another gateway just now.
+                await self._resolve_keys(cur, jobs, hashes, outcomes)
+                await self._insert_companions(cur, [(ids[i], jobs[i]) for i in created])
+            return [
+                AlreadyExists(f"idempotency_key {jobs[i].idempotency_key!r} is in use; submit again")
+                if outcome is None
+                else outcome
+                for i, outcome in enumerate(outcomes)
+            ]
+
+        return await retry_conflicts(transaction, f"storing {len(jobs)} submitted jobs")
+
+    async def _resolve_keys(self, cur: Any, jobs: list[NewJob], hashes: list[bytes], outcomes: Outcomes) -> None:
+        """Settles the undecided jobs whose (tenant, idempotency key) a stored job already has."""
+        keyed = [i for i, job in enumerate(jobs) if outcomes[i] is None and job.idempotency_key]
+        if not keyed:
+            return
+        await cur.execute(
+            f"SELECT {JOB_COLUMNS}, idempotency_key, request_hash FROM jobs"
+            " WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([jobs[i].tenant_id for i in keyed], [jobs[i].idempotency_key for i in keyed]),
+        )
+        found = {(row["tenant_id"], row["idempotency_key"]): row for row in await cur.fetchall()}
+        for i in keyed:
+            row = found.get((jobs[i].tenant_id, jobs[i].idempotency_key))
+            if row is None:
+                continue
+            if bytes(row["request_hash"]) != hashes[i]:
+                outcomes[i] = AlreadyExists(
+                    f"idempotency_key {jobs[i].idempotency_key!r} was already used for job {row['id']}"
+                    " with a different request"
+                )
+            else:
+                outcomes[i] = ({k: v for k, v in row.items() if k not in ("idempotency_key", "request_hash")}, False)
+
+    async def _refuse_over_quota(
+        self, cur: Any, jobs: list[NewJob], outcomes: list[Created | Exception | None]
+    ) -> None:
+        """Refuses the new jobs that would take their tenant over its quota of jobs queued or
+        running at once, in arrival order."""
+        if self._max_unfinished <= 0:
+            return
+        pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        tenants = sorted({jobs[i].tenant_id for i in pending})
+        if not tenants:
+            return
+        await cur.execute(
+            "SELECT tenant_id, count(*) AS n FROM jobs WHERE tenant_id = ANY(%s) AND state IN (%s, %s)"
+            " GROUP BY tenant_id",
+            (tenants, JobState.QUEUED, JobState.RUNNING),
+        )
+        room = dict.fromkeys(tenants, self._max_unfinished)
+        for row in await cur.fetchall():
+            room[row["tenant_id"]] -= row["n"]
+        for i in pending:
+            tenant = jobs[i].tenant_id
+            if room[tenant] > 0:
+                room[tenant] -= 1
+            else:
+                outcomes[i] = ResourceExhausted(
+                    f"tenant {tenant}: {self._max_unfinished} jobs are queued or running, the most allowed;"
+                    " retry when one finishes",
+                    retry_after_seconds=1.0,
+                )
+
+    async def _insert_jobs(self, cur: Any, new: list[tuple[uuid.UUID, NewJob, bytes]]) -> dict[uuid.UUID, JobRow]:
+        """Inserts the job rows; returns the stored ones by id (a row whose key is taken is not)."""
+        if not new:
+            return {}
+        await cur.execute(
+            "INSERT INTO jobs (id, tenant_id, partition, kind, params, options, deadline_at,"
+            " idempotency_key, request_hash, state, last_seq)"
+            " SELECT id, tenant_id, partition, kind, params::jsonb, options::jsonb,"
+            " now() + make_interval(secs => deadline), nullif(key, ''), request_hash, %s, 1"
+            " FROM unnest(%s::uuid[], %s::text[], %s::smallint[], %s::text[], %s::text[], %s::text[],"
+            " %s::float8[], %s::text[], %s::bytea[])"
+            " AS t(id, tenant_id, partition, kind, params, options, deadline, key, request_hash)"
+            " ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+            f" RETURNING {JOB_COLUMNS}",
+            (
+                JobState.QUEUED,
+                [job_id for job_id, _, _ in new],
+                [job.tenant_id for _, job, _ in new],
+                [partition_of(str(job_id), self._partitions) for job_id, _, _ in new],
+                [job.kind for _, job, _ in new],
+                [json.dumps(job.params) for _, job, _ in new],
+                [json.dumps(job.options) for _, job, _ in new],
+                [job.options.get("deadline_seconds") for _, job, _ in new],
+                [job.idempotency_key for _, job, _ in new],
+                [request_hash for _, _, request_hash in new],
+            ),
+        )
+        return {row["id"]: row for row in await cur.fetchall()}
+
+    async def _insert_companions(self, cur: Any, created: list[tuple[uuid.UUID, NewJob]]) -> None:
+        """Each new job's input, its first event and the outbox message that announces it."""
+        if not created:
+            return
+        time = now_timestamp()
+        async with cur.copy("COPY job_events (job_id, seq, event) FROM STDIN") as copy:
+            for job_id, _ in created:
+                queued = pb.JobEvent(
+                    job_id=str(job_id),
+                    seq=1,
+                    type=pb.JOB_QUEUED,
+                    state=pb.QUEUED,
+                    progress=pb.Progress(),
+                    time=time,
+                    message="job queued",
+                )
+                await copy.write_row((job_id, 1, queued.SerializeToString()))
+        async with cur.copy("COPY outbox (topic, key, value) FROM STDIN") as copy:
+            for job_id, job in created:
+                submitted = bus_pb2.JobSubmitted(job_id=str(job_id), tenant_id=job.tenant_id)
+                await copy.write_row((topics.SUBMITTED, str(job_id).encode(), submitted.SerializeToString()))
+        with_input = [(job_id, job.data) for job_id, job in created if job.data]
+        if with_input:
+            async with cur.copy("COPY job_inputs (job_id, data) FROM STDIN") as copy:
+                for row in with_input:
+                    await copy.write_row(row)
 
     async def get(self, tenant_id: str, job_id: uuid.UUID) -> JobRow:
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
