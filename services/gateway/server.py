@@ -32,6 +32,7 @@ SERVICE_NAME = "jobstream.v1.JobService"
 # Bounds chosen on purpose: inputs up to the 16 MiB default limit plus framing; clients that vanish
 # without closing are found by keepalive; long-lived connections are recycled so load spreads again.
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+MAX_PENDING_CALLS = 50_000
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -41,6 +42,11 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_connection_age_ms", 30 * 60_000),
     ("grpc.max_connection_age_grace_ms", 5 * 60_000),
+    # Calls that arrived but that the event loop has not taken up yet. gRPC's defaults (1,000,
+    # then 3,000) cancel the excess with a bare CANCELLED as soon as a burst outruns the loop;
+    # these calls are cheap to hold, so a burst queues instead and is answered late, not dropped.
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 ]
 
 
