@@ -31,6 +31,7 @@ from services.scheduler.reconcile import Reconciler
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000
+PUBLISH_SLICE = 5000
 MAX_IDLE_WAIT_MS = 200
 SWEEP_SECONDS = 1.0
 BROKER_CHECK_SECONDS = 2.0
@@ -228,6 +229,12 @@ class Scheduler:
         messages += [(topic(topics.UPDATES), e.job_id.encode(), e.SerializeToString()) for e in out.events]
         messages += [(topic(topics.CONTROL), c.job_id.encode(), c.SerializeToString()) for c in out.controls]
         messages += [(topic(topics.DEAD_LETTER), d.job_id.encode(), d.SerializeToString()) for d in out.dead_letters]
+        # In slices, each acknowledged before the next is sent: a 100,000-chunk job's tasks at once
+        # outran the broker's request timeout, and retrying them whole sent them all again.
+        for start in range(0, len(messages), PUBLISH_SLICE):
+            await self._publish_slice(messages[start : start + PUBLISH_SLICE])
+
+    async def _publish_slice(self, messages: list[tuple[str, bytes, bytes]]) -> None:
         delay = 0.2
         while True:
             try:

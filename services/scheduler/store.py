@@ -124,9 +124,10 @@ async def pending_chunks(
     else:
         cur = await conn.execute(
             "SELECT c.idx, c.attempt, c.payload, 0::float8 FROM chunks c"
-            " JOIN unnest(%s::int[], %s::int[]) AS t(idx, attempt) ON c.idx = t.idx AND c.attempt = t.attempt"
-            " WHERE c.job_id = %s AND c.state = %s ORDER BY c.idx",
-            ([i for i, _ in only], [a for _, a in only], job_id, ChunkState.PENDING),
+            " JOIN unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
+            " ON c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt"
+            " WHERE c.state = %s ORDER BY c.idx",
+            ([job_id] * len(only), [i for i, _ in only], [a for _, a in only], ChunkState.PENDING),
         )
     due: list[tuple[int, int, bytes]] = []
     later: list[tuple[int, int, float]] = []
@@ -144,16 +145,19 @@ async def record_successes(conn: Conn, job_id: uuid.UUID, results: Sequence[tupl
     First completion wins, whatever its attempt: a late duplicate finds the chunk final and is not
     counted again.
     """
+    # The job id comes with every row of the unnest, not as a constant: with a constant, a job whose
+    # chunks were just inserted (no statistics yet) got a scan of all its chunks per batch, which
+    # made a 100,000-chunk job crawl; joined per row it is one primary-key lookup per chunk.
     cur = await conn.execute(
         "UPDATE chunks c SET state = %s, result = t.result::jsonb, finished_at = now(),"
         " lease_expires_at = NULL, error = NULL"
-        " FROM unnest(%s::int[], %s::text[]) AS t(idx, result)"
-        " WHERE c.job_id = %s AND c.idx = t.idx AND c.state IN (%s, %s) RETURNING c.idx",
+        " FROM unnest(%s::uuid[], %s::int[], %s::text[]) AS t(job_id, idx, result)"
+        " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.state IN (%s, %s) RETURNING c.idx",
         (
             ChunkState.SUCCEEDED,
+            [job_id] * len(results),
             [i for i, _ in results],
             [r for _, r in results],
-            job_id,
             ChunkState.PENDING,
             ChunkState.RUNNING,
         ),
