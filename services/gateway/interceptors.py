@@ -121,24 +121,26 @@ class ErrorMappingInterceptor(WrappingInterceptor):
         return None if deserializer is None else _decode_safely(deserializer)
 
     @staticmethod
-    async def _abort(context: Context, err: errors.JobstreamError) -> None:
-        if isinstance(err, errors.ResourceExhausted) and err.retry_after_seconds is not None:
-            context.set_trailing_metadata((("retry-after-seconds", f"{err.retry_after_seconds:.3f}"),))
-        await context.abort(status_of(err), err.message)
+    async def _fail(method: str, context: Context, err: Exception) -> None:
+        """Ends the call with the status `err` means; an error it does not know is logged and
+        raised again (gRPC answers UNKNOWN)."""
+        if isinstance(err, errors.JobstreamError):
+            if isinstance(err, errors.ResourceExhausted) and err.retry_after_seconds is not None:
+                context.set_trailing_metadata((("retry-after-seconds", f"{err.retry_after_seconds:.3f}"),))
+            await context.abort(status_of(err), err.message)
+        if isinstance(err, DATABASE_UNAVAILABLE):
+            log.warning("%s: %s: %s", method, DATABASE_DOWN, err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_DOWN)
+        log.exception("unexpected error in %s", method)
+        raise err
 
     def wrap_unary(self, method: str, inner: Unary) -> Unary:
         async def unary(request: Any, context: Context) -> Any:
             try:
                 _refuse_undecodable(request)
                 return await inner(request, context)
-            except errors.JobstreamError as err:
-                await self._abort(context, err)
-            except DATABASE_UNAVAILABLE as err:
-                log.warning("%s: %s: %s", method, DATABASE_DOWN, err)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_DOWN)
-            except Exception:
-                log.exception("unexpected error in %s", method)
-                raise
+            except Exception as err:
+                await self._fail(method, context, err)
 
         return unary
 
@@ -148,14 +150,8 @@ class ErrorMappingInterceptor(WrappingInterceptor):
                 _refuse_undecodable(request)
                 async for item in inner(request, context):
                     yield item
-            except errors.JobstreamError as err:
-                await self._abort(context, err)
-            except DATABASE_UNAVAILABLE as err:
-                log.warning("%s: %s: %s", method, DATABASE_DOWN, err)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_DOWN)
-            except Exception:
-                log.exception("unexpected error in %s", method)
-                raise
+            except Exception as err:
+                await self._fail(method, context, err)
 
         return stream
 
