@@ -23,7 +23,8 @@ from jobstream.errors import AlreadyExists, InvalidArgument, NotFound, Unauthent
 
 PREFIX = "jsk_"
 KEY_ID_HEX = 16
-TENANT_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+TOKEN = re.compile(rf"{PREFIX}(?P<key_id>[0-9a-f]{{{KEY_ID_HEX}}})_(?P<secret>.+)", re.DOTALL)
+TENANT_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 Connection = psycopg.AsyncConnection[Any]
 
 
@@ -48,16 +49,10 @@ def _digest(secret: str) -> bytes:
 
 def parse_token(token: str) -> tuple[str, str]:
     """(key id, secret) of a well-formed token; Unauthenticated names what is wrong with another."""
-    key_id, secret = token[len(PREFIX) : len(PREFIX) + KEY_ID_HEX], token[len(PREFIX) + KEY_ID_HEX + 1 :]
-    well_formed = (
-        token.startswith(PREFIX)
-        and len(token) > len(PREFIX) + KEY_ID_HEX + 1
-        and token[len(PREFIX) + KEY_ID_HEX] == "_"
-        and all(c in "0123456789abcdef" for c in key_id)
-    )
-    if not well_formed:
+    match = TOKEN.fullmatch(token)
+    if match is None:
         raise Unauthenticated(f"the API key is malformed: jobstream keys look like {PREFIX}<16 hex digits>_<secret>")
-    return key_id, secret
+    return match["key_id"], match["secret"]
 
 
 def bearer_token(metadata: Any) -> str:
@@ -74,34 +69,31 @@ def bearer_token(metadata: Any) -> str:
 async def tenants_of(conn: Connection, tokens: list[str]) -> list[str | Unauthenticated]:
     """For each token, the tenant of its valid, unrevoked key, or why it is refused; one query
     for all of them."""
-    outcomes: list[str | Unauthenticated] = []
-    parsed: list[tuple[str, str] | None] = []
+    parsed: list[tuple[str, str] | Unauthenticated] = []
     for token in tokens:
         try:
             parsed.append(parse_token(token))
         except Unauthenticated as err:
-            parsed.append(None)
-            outcomes.append(err)
-            continue
-        outcomes.append("")
-    key_ids = sorted({p[0] for p in parsed if p is not None})
+            parsed.append(err)
+    key_ids = sorted({p[0] for p in parsed if isinstance(p, tuple)})
     rows: dict[str, tuple[str, bytes]] = {}
-    if key_ids:
+    if key_ids:  # malformed tokens alone cost no query
         cur = await conn.execute(
             "SELECT id, tenant_id, secret_sha256 FROM api_keys WHERE id = ANY(%s) AND revoked_at IS NULL", (key_ids,)
         )
         rows = {str(r[0]): (str(r[1]), bytes(r[2])) for r in await cur.fetchall()}
-    for i, key in enumerate(parsed):
-        if key is None:
-            continue
-        key_id, secret = key
-        row = rows.get(key_id)
-        # Compared in constant time, and the same answer for an unknown, a revoked and a wrong key.
-        if row is None or not hmac.compare_digest(row[1], _digest(secret)):
-            outcomes[i] = Unauthenticated(f"API key {key_id} is unknown, revoked or wrong")
-        else:
-            outcomes[i] = row[0]
-    return outcomes
+    return [_check(p, rows) for p in parsed]
+
+
+def _check(parsed: tuple[str, str] | Unauthenticated, rows: dict[str, tuple[str, bytes]]) -> str | Unauthenticated:
+    if isinstance(parsed, Unauthenticated):
+        return parsed
+    key_id, secret = parsed
+    row = rows.get(key_id)
+    # Compared in constant time, and the same answer for an unknown, a revoked and a wrong key.
+    if row is None or not hmac.compare_digest(row[1], _digest(secret)):
+        return Unauthenticated(f"API key {key_id} is unknown, revoked or wrong")
+    return row[0]
 
 
 async def tenant_of(conn: Connection, token: str) -> str:
@@ -113,7 +105,7 @@ async def tenant_of(conn: Connection, token: str) -> str:
 
 
 def check_tenant_id(tenant_id: str) -> None:
-    if not TENANT_ID.match(tenant_id):
+    if not TENANT_ID.fullmatch(tenant_id):
         raise InvalidArgument(
             f"tenant id {tenant_id[:80]!r}: use 1 to 63 lower-case letters, digits and inner dashes", field="tenant"
         )

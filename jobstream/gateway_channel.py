@@ -15,33 +15,34 @@ import grpc
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
-def _with_token(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata.add(*header)
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
+class _Token:
+    """Adds the `authorization` header to a call's metadata."""
 
-
-class _UnaryToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     def __init__(self, header: tuple[str, str]) -> None:
         self._header = header
 
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(*self._header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# gRPC files each interceptor under one kind of call only, so unary and server-streaming calls
+# need one each.
+class _UnaryToken(_Token, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(_with_token(client_call_details, self._header), request)
+        return await continuation(self._details(client_call_details), request)
 
 
-class _StreamToken(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
+class _StreamToken(_Token, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(_with_token(client_call_details, self._header), request)
+        return await continuation(self._details(client_call_details), request)
 
 
-def bearer_interceptors(token: str) -> list[Any]:
-    """The interceptors that add `token` to every call; gRPC files each interceptor under one
-    kind of call only, so unary and server-streaming calls need one each."""
+def _bearer_interceptors(token: str) -> list[Any]:
+    """The interceptors that add `token` to every call."""
     header = ("authorization", f"Bearer {token}")
     return [_UnaryToken(header), _StreamToken(header)]
 
@@ -57,7 +58,7 @@ def gateway_channel(
 ) -> grpc.aio.Channel:
     """Plaintext, or TLS verified against the `ca` file (with a client certificate for mTLS); with
     `token`, every call carries it."""
-    interceptors = bearer_interceptors(token) if token else None
+    interceptors = _bearer_interceptors(token) if token else None
     if not ca:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(

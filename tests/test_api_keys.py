@@ -49,7 +49,7 @@ def test_tenant_ids_that_are_accepted(tenant: str) -> None:
     check_tenant_id(tenant)
 
 
-@pytest.mark.parametrize("tenant", ["", "-a", "a-", "Acme", "a b", "a_b", "a" * 64, "é"])
+@pytest.mark.parametrize("tenant", ["", "-a", "a-", "Acme", "a b", "a_b", "a" * 64, "é", "acme\n"])
 def test_tenant_ids_that_are_refused(tenant: str) -> None:
     with pytest.raises(InvalidArgument, match="tenant id"):
         check_tenant_id(tenant)

@@ -33,6 +33,8 @@ JOB_COLUMNS = (
     " progress_message, result, error, last_seq, cancel_requested_at, created_at, started_at, finished_at"
 )
 JobRow = dict[str, Any]
+# Stored events are read in pages of this many; a shorter page is the last.
+EVENTS_PAGE = 500
 Created = tuple[JobRow, bool]  # the job, and whether this call stored it
 Outcomes = list[Created | Exception | None]  # one per job of a batch; None while undecided
 
@@ -147,9 +149,7 @@ class JobStore:
             else:
                 outcomes[i] = ({k: v for k, v in row.items() if k not in ("idempotency_key", "request_hash")}, False)
 
-    async def _refuse_over_quota(
-        self, cur: Any, jobs: list[NewJob], outcomes: list[Created | Exception | None]
-    ) -> None:
+    async def _refuse_over_quota(self, cur: Any, jobs: list[NewJob], outcomes: Outcomes) -> None:
         """Refuses the new jobs that would take their tenant over its quota of jobs queued or
         running at once, in arrival order."""
         if self._max_unfinished <= 0:
@@ -309,7 +309,7 @@ class JobStore:
         rows = rows[:page_size]
         return rows, encode_page_token(rows[-1]["created_at"], rows[-1]["id"])
 
-    async def events_after(self, job_id: uuid.UUID, after_seq: int, limit: int = 500) -> list[bytes]:
+    async def events_after(self, job_id: uuid.UUID, after_seq: int, limit: int = EVENTS_PAGE) -> list[bytes]:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT event FROM job_events WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s",
