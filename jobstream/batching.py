@@ -26,6 +26,11 @@ class Coalescer(Generic[T, R]):
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._draining: asyncio.Task[None] | None = None
 
+    @property
+    def waiting(self) -> int:
+        """Calls queued for the next batch."""
+        return len(self._queue)
+
     async def __call__(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
@@ -51,3 +56,31 @@ class Coalescer(Generic[T, R]):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+
+K = TypeVar("K")
+
+
+class SharedReads(Generic[K, R]):
+    """Concurrent reads of the same key share one: the first caller starts it, the others await
+    its result. Many clients that fell behind together (every Watch stream of a job missing the
+    same event) then cost one query, not one each.
+
+    A caller that goes away does not cancel the read the others wait for.
+    """
+
+    def __init__(self, read: Callable[[K], Awaitable[R]]) -> None:
+        self._read = read
+        self._in_flight: dict[K, asyncio.Future[R]] = {}
+
+    async def __call__(self, key: K) -> R:
+        shared = self._in_flight.get(key)
+        if shared is None:
+            shared = self._in_flight[key] = asyncio.ensure_future(self._read(key))
+            shared.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(shared)
+
+    def _finished(self, key: K, done: asyncio.Future[R]) -> None:
+        del self._in_flight[key]
+        if not done.cancelled():
+            done.exception()  # retrieved here, so a read whose callers all left is not reported as lost
