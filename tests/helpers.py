@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -14,6 +18,7 @@ from google.protobuf import struct_pb2
 from jobstream import api_keys
 from jobstream.events import is_terminal
 from jobstream.v1 import jobstream_pb2 as pb
+from tests.stack import REPO, Stack
 
 if TYPE_CHECKING:
     from jobstream.v1.jobstream_pb2_grpc import JobServiceAsyncStub as Client
@@ -25,6 +30,7 @@ __all__ = [
     "new_tenant",
     "params",
     "read_rest",
+    "run_cli",
     "submit",
     "wait_for",
     "watch_all",
@@ -45,6 +51,17 @@ async def new_tenant(db: psycopg.AsyncConnection[Any], name: str) -> tuple[str, 
     tenant = f"{name}-{uuid.uuid4().hex[:8]}"
     await api_keys.create_tenant(db, tenant)
     return tenant, (await api_keys.create_key(db, tenant, name=f"test {name}")).token
+
+
+async def run_cli(stack: Stack, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """The jobstream CLI as a user runs it, a process of its own, pointed at the stack's gateway
+    and database; it gets an API key only from `args` (or a dev-token file under `cwd`)."""
+    env = {**os.environ, "JOBSTREAM_DATABASE_URL": stack.database_url, "PYTHONPATH": str(REPO)}
+    env.pop("JOBSTREAM_TOKEN", None)
+    argv = [sys.executable, "-m", "jobstream.cli.main", "--gateway", stack.gateway_addr, *args]
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=120, check=False
+    )
 
 
 async def submit(client: Client, kind: str, data: bytes = b"", **values: Any) -> pb.Job:

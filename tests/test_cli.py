@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.stack import REPO, Stack
+from tests.helpers import run_cli
+from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
 
 async def jobstream(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "jobstream.cli.main", "--gateway", stack.gateway_addr, "--token", stack.token, *args]
-    return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, cwd=REPO, timeout=120, check=False
-    )
+    return await run_cli(stack, "--token", stack.token, *args)
 
 
 async def test_submit_and_watch_exits_zero_when_the_job_succeeds(stack: Stack) -> None:

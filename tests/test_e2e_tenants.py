@@ -4,11 +4,7 @@ and a revoked key is refused from its next call on."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import stat
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobstream.local_files import DEV_TOKEN_FILE
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
-from tests.helpers import count_jobs, new_tenant, params, watch_all
-from tests.stack import REPO, Stack
+from tests.helpers import count_jobs, new_tenant, params, run_cli, watch_all
+from tests.stack import Stack
 
 if TYPE_CHECKING:
     from tests.helpers import Client
@@ -141,53 +137,44 @@ async def test_health_checks_need_no_key(stack: Stack) -> None:
 # ------------------------------------------------------------------ the CLI's tenants and keys
 
 
-async def jobstream(stack: Stack, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "JOBSTREAM_DATABASE_URL": stack.database_url, "PYTHONPATH": str(REPO)}
-    env.pop("JOBSTREAM_TOKEN", None)
-    argv = [sys.executable, "-m", "jobstream.cli.main", "--gateway", stack.gateway_addr, *args]
-    return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=120, check=False
-    )
-
-
 async def test_keys_made_with_the_cli_work_and_a_revoked_one_is_refused_on_its_next_call(stack: Stack) -> None:
     tenant = f"cli-{uuid.uuid4().hex[:8]}"
-    created = await jobstream(stack, "tenants", "create", tenant, "--name", "CLI test")
+    created = await run_cli(stack, "tenants", "create", tenant, "--name", "CLI test")
     assert created.returncode == 0, created.stderr
-    assert tenant in (await jobstream(stack, "tenants", "list")).stdout
-    made = await jobstream(stack, "keys", "create", "--tenant", tenant, "--name", "ci")
+    assert tenant in (await run_cli(stack, "tenants", "list")).stdout
+    made = await run_cli(stack, "keys", "create", "--tenant", tenant, "--name", "ci")
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     key_id = token[4:20]
     assert f"key {key_id} for tenant {tenant}" in made.stderr
 
-    submitted = await jobstream(stack, "--token", token, "submit", "demo.sleep", "--param", "chunks=1", "--watch")
+    submitted = await run_cli(stack, "--token", token, "submit", "demo.sleep", "--param", "chunks=1", "--watch")
     assert submitted.returncode == 0, submitted.stderr
-    listed = await jobstream(stack, "keys", "list", "--tenant", tenant)
+    listed = await run_cli(stack, "keys", "list", "--tenant", tenant)
     assert listed.returncode == 0 and key_id in listed.stdout and token not in listed.stdout
 
     async with stack.channel(token) as channel:
         client = pb_grpc.JobServiceStub(channel)
         assert (await _status(client.ListJobs(pb.ListJobsRequest()))) == (grpc.StatusCode.OK, "")
-        revoked = await jobstream(stack, "keys", "revoke", key_id)
+        revoked = await run_cli(stack, "keys", "revoke", key_id)
         assert revoked.returncode == 0, revoked.stderr
         # The very next call on the same connection is refused: no cache outlives a revocation.
         code, details = await _status(client.ListJobs(pb.ListJobsRequest()))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details
-    listed = await jobstream(stack, "keys", "list", "--tenant", tenant)
+    listed = await run_cli(stack, "keys", "list", "--tenant", tenant)
     assert listed.stdout.splitlines()[1].split()[-1].endswith("Z"), listed.stdout  # the REVOKED column
 
 
 async def test_the_cli_refuses_clearly_what_it_cannot_do(stack: Stack) -> None:
     twice = f"twice-{uuid.uuid4().hex[:8]}"
-    assert (await jobstream(stack, "tenants", "create", twice)).returncode == 0
-    again = await jobstream(stack, "tenants", "create", twice)
+    assert (await run_cli(stack, "tenants", "create", twice)).returncode == 0
+    again = await run_cli(stack, "tenants", "create", twice)
     assert again.returncode == 1 and f"tenant {twice} already exists" in again.stderr
-    bad = await jobstream(stack, "tenants", "create", "Not Valid!")
+    bad = await run_cli(stack, "tenants", "create", "Not Valid!")
     assert bad.returncode == 1 and "lower-case letters" in bad.stderr
-    orphan = await jobstream(stack, "keys", "create", "--tenant", "no-such-tenant")
+    orphan = await run_cli(stack, "keys", "create", "--tenant", "no-such-tenant")
     assert orphan.returncode == 1 and "does not exist" in orphan.stderr
-    unknown = await jobstream(stack, "keys", "revoke", "0000000000000000")
+    unknown = await run_cli(stack, "keys", "revoke", "0000000000000000")
     assert unknown.returncode == 1 and "does not exist" in unknown.stderr
 
 
@@ -196,10 +183,10 @@ async def test_the_cli_uses_the_local_dev_token_when_no_key_is_given(stack: Stac
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert token_file.read_text().strip() == stack.token
 
-    without = await jobstream(stack, "list", cwd=tmp_path)
+    without = await run_cli(stack, "list", cwd=tmp_path)
     assert without.returncode == 3 and "UNAUTHENTICATED: no API key" in without.stderr
 
     (tmp_path / ".jobstream").mkdir()
     (tmp_path / ".jobstream" / DEV_TOKEN_FILE).write_text(stack.token + "\n")
-    listed = await jobstream(stack, "list", cwd=tmp_path)
+    listed = await run_cli(stack, "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
