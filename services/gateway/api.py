@@ -126,5 +126,5 @@ class JobService(pb_grpc.JobServiceServicer):
         if request.after_seq == job["last_seq"] and JobState(job["state"]).terminal:
             return  # the client already saw the terminal event
         with self._quotas.watch_stream(tenant):
-            async for event in watch_events(self._hub, self._store, job_id, request.after_seq):
+            async for event in watch_events(self._hub, job_id, request.after_seq):
                 yield event

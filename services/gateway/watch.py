@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from aiokafka.errors import KafkaError
 
 from jobstream import topics
+from jobstream.batching import SharedReads
 from jobstream.config import Settings
 from jobstream.events import is_terminal
 from jobstream.kafka import assign_all_from_end, decode, follow_partition_changes, make_broadcast_consumer
@@ -28,7 +29,7 @@ from jobstream.observability import kafka_ready
 from jobstream.service import essential
 from jobstream.v1 import jobstream_pb2 as pb
 from services.gateway.metrics import EVENT_LATENCY, WATCH_STREAMS
-from services.gateway.store import JobStore
+from services.gateway.store import EVENTS_PAGE, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class UpdatesHub:
         self._subs: dict[str, set[Subscription]] = {}
         self._consumer = make_broadcast_consumer(settings)
         self._tasks: list[asyncio.Task[None]] = []
+        # Streams of one job that fell behind together read the missed events once.
+        self._reads: SharedReads[tuple[uuid.UUID, int], list[pb.JobEvent]] = SharedReads(self._read_stored)
         WATCH_STREAMS.set_function(lambda: self.open_streams)
 
     @property
@@ -97,6 +100,13 @@ class UpdatesHub:
 
     async def kafka_ready(self) -> str | None:
         return await kafka_ready(self._consumer)
+
+    async def events_after(self, job_id: uuid.UUID, after_seq: int) -> list[pb.JobEvent]:
+        """The job's stored events after `after_seq` (a page of them)."""
+        return await self._reads((job_id, after_seq))
+
+    async def _read_stored(self, key: tuple[uuid.UUID, int]) -> list[pb.JobEvent]:
+        return [pb.JobEvent.FromString(raw) for raw in await self._store.events_after(*key)]
 
     def subscribe(self, job_id: str, after_seq: int) -> Subscription:
         sub = Subscription(job_id, after_seq)
@@ -148,9 +158,7 @@ class UpdatesHub:
                             sub.nudge()
 
 
-async def watch_events(
-    hub: UpdatesHub, store: JobStore, job_id: uuid.UUID, after_seq: int
-) -> AsyncIterator[pb.JobEvent]:
+async def watch_events(hub: UpdatesHub, job_id: uuid.UUID, after_seq: int) -> AsyncIterator[pb.JobEvent]:
     """Yields the job's events after `after_seq` in seq order, ending after the terminal event."""
     sub = hub.subscribe(str(job_id), after_seq)
     try:
@@ -158,13 +166,12 @@ async def watch_events(
             if sub.need_db:
                 sub.need_db = False
                 while True:
-                    stored = await store.events_after(job_id, sub.last_seq)
-                    for raw in stored:
-                        event = pb.JobEvent.FromString(raw)
+                    stored = await hub.events_after(job_id, sub.last_seq)
+                    for event in stored:
                         yield _delivered(sub, event)
                         if is_terminal(event):
                             return
-                    if len(stored) < 500:
+                    if len(stored) < EVENTS_PAGE:
                         break
             while sub.buffer:
                 event = sub.buffer.popleft()
