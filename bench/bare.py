@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from bench.client import OWN_CONNECTION, channel
+from bench.stack import proc_bytes
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import ChildProcess
 from jobstream.embedded.stack import REPO
@@ -72,12 +73,10 @@ class BareServer:
 def rss_bytes(pid: int | None) -> int:
     """The process's resident set (VmRSS): the memory its open streams occupy as the machine sees
     it, whichever allocator (Python's, gRPC's C core) holds it."""
-    if pid is not None:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    raise RuntimeError(f"cannot read the resident set of process {pid}")
+    found = None if pid is None else proc_bytes(pid, "status", "VmRSS:")
+    if found is None:
+        raise RuntimeError(f"cannot read the resident set of process {pid}")
+    return found
 
 
 async def stream_bytes(root: Path, streams: int, channels: int, within: float) -> float:

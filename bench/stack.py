@@ -108,14 +108,22 @@ def _group_state(described: object, group: str) -> tuple[str, int]:
     return "Unknown", 0
 
 
+def proc_bytes(pid: int, path: str, key: str) -> int | None:
+    """A memory figure (kB in the file) from /proc/<pid>/<path>, in bytes; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/{path}") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def pss_bytes(pid: int) -> int:
     """The process's proportional set size, or its RSS where smaps_rollup is not readable; 0 once gone."""
-    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith(key):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            continue
+    for path, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+        found = proc_bytes(pid, path, key)
+        if found is not None:
+            return found
     return 0
