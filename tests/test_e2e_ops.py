@@ -74,6 +74,23 @@ async def test_grpc_errors_are_counted_by_code(stack: Stack, client: Client) -> 
     assert 'jobstream_grpc_requests_total{code="INVALID_ARGUMENT",method="GetJob"}' in gateway
 
 
+async def test_a_watch_the_client_cancels_is_counted_as_cancelled(stack: Stack, client: Client) -> None:
+    job = await submit(client, "demo.sleep", chunks=1, hang_chunk=0)
+    stream = client.Watch(pb.WatchRequest(job_id=job.id))
+    await stream.read()  # the stream is open on the server
+    stream.cancel()
+    line = 'jobstream_grpc_requests_total{code="CANCELLED",method="Watch"}'
+
+    async def counted() -> bool:
+        return line in await _scrape(stack, "gateway")
+
+    try:
+        await wait_for(counted, within=10, what=f"{line} on the gateway")
+    finally:
+        await client.Cancel(pb.CancelRequest(job_id=job.id))
+    assert 'code="UNKNOWN",method="Watch"' not in await _scrape(stack, "gateway")
+
+
 async def test_gateway_serves_grpc_health(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "jobstream.v1.JobService"):
