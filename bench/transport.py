@@ -119,7 +119,11 @@ async def _read(ready: Path, out: Path, bootstrap: str, topic: str, count: int) 
             batch = await consumer.getmany(timeout_ms=200)
             seen += sum(len(records) for records in batch.values())
         done = json.dumps({"last": time.time(), "seen": seen})
-        await asyncio.to_thread(out.write_text, done)
+        # Written whole under another name, then renamed: the waiting side polls for the name and
+        # would otherwise read a file that exists but is still empty.
+        partial = out.with_name(out.name + ".partial")
+        await asyncio.to_thread(partial.write_text, done)
+        await asyncio.to_thread(partial.replace, out)
     finally:
         await consumer.stop()
 

@@ -40,6 +40,9 @@ class Settings:
     # How long a fetch waits when there is nothing to read. Apache Kafka answers as soon as a record
     # arrives; the embedded broker waits out the whole time, so this bounds each hop's latency.
     kafka_fetch_wait_ms: int = 10
+    # The same for the workers' cancel feed. Every empty fetch costs the broker work, and a cancel
+    # can afford to arrive this much later: the CANCELLED event does not wait for it.
+    kafka_control_fetch_wait_ms: int = 100
     # Whether a stopping group member tells the broker it leaves (its partitions move at once) or
     # lets its session expire. The embedded broker strands a group for good when its leader leaves
     # in the middle of a rebalance, so members of that broker stay silent instead.

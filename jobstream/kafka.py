@@ -187,7 +187,7 @@ def leave_silently(consumer: AIOKafkaConsumer) -> None:
     coordinator._maybe_leave_group = forget_membership
 
 
-def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:
+def make_broadcast_consumer(settings: Settings, fetch_wait_ms: int | None = None) -> AIOKafkaConsumer:
     """A consumer outside any group, for topics every replica must read whole (updates, control)."""
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -196,7 +196,7 @@ def make_broadcast_consumer(settings: Settings) -> AIOKafkaConsumer:
         # Only reached when a position falls off the log: after a broker came back empty, all of
         # the re-created topic is new.
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
+        fetch_max_wait_ms=settings.kafka_fetch_wait_ms if fetch_wait_ms is None else fetch_wait_ms,
         max_partition_fetch_bytes=8 * 1024 * 1024,
         client_id=f"jobstream-{settings.worker_id}",
         **security(settings),

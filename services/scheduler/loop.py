@@ -1,14 +1,16 @@
 """The scheduler's consume → record → publish → commit loop.
 
 A batch of messages from the job-keyed topics becomes one Postgres transaction over the jobs it
-touches; after the commit the resulting chunk tasks and events are published, and only then are
-the Kafka offsets committed. A crash anywhere replays the batch, and replaying is harmless because
-Postgres decides what counts (chunk results recorded once, seq assigned once).
+touches; after the commit the resulting chunk tasks and events go to the publisher, which announces
+them and only then commits the batch's Kafka offsets, while this loop goes on with the next batch.
+A crash anywhere replays the batches not yet committed, and replaying is harmless because Postgres
+decides what counts (chunk results recorded once, seq assigned once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -16,7 +18,6 @@ import uuid
 from collections import defaultdict
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream import topics
@@ -24,14 +25,15 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
 from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, retry_conflicts
 from jobstream.kafka import GroupMember, decode, rewind_to_committed
+from jobstream.service import essential
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
+from services.scheduler.publisher import Message, Publisher
 from services.scheduler.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000
-PUBLISH_SLICE = 5000
 MAX_IDLE_WAIT_MS = 200
 SWEEP_SECONDS = 1.0
 BROKER_CHECK_SECONDS = 2.0
@@ -72,34 +74,43 @@ class Scheduler:
         self._next_broker_check = 0.0
         self._pool = pool
         self._member = member
-        self._producer = producer
+        self.publisher = Publisher(producer, self._consumer)
         self._machine = JobMachine(settings.progress_interval_ms / 1000)
         self._retries: list[tuple[float, uuid.UUID, int, int]] = []
         self._topic_of = {settings.topic(t): t for t in topics.SCHEDULER_TOPICS}
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self._step()
-            except DATABASE_UNAVAILABLE as err:
-                log.warning("Postgres unavailable (%s); replaying from the committed offsets when it answers", err)
-                await self._start_over()
-                await asyncio.sleep(DATABASE_RETRY_SECONDS)
+        publishing = essential(self.publisher.run(), "scheduler publisher")
+        try:
+            while not stop.is_set():
+                try:
+                    await self._step()
+                except DATABASE_UNAVAILABLE as err:
+                    log.warning("Postgres unavailable (%s); replaying from the committed offsets when it answers", err)
+                    await self._start_over()
+                    await asyncio.sleep(DATABASE_RETRY_SECONDS)
+            await self.publisher.drain()
+        finally:
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
 
     async def _step(self) -> None:
+        phase = _Phases()
         batch = await self._consumer().getmany(timeout_ms=self._wait_ms(), max_records=MAX_BATCH)
         records = [r for rs in batch.values() for r in rs]
+        phase.done("fetch")
+        metrics.BATCH_MESSAGES.observe(len(records))
         work = self._collect(records)
         self._add_due(work)
         await self._add_reconciled(work)
+        phase.done("reconcile")
+        offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
         if work:
-            await self._process(work)
-        if records:
-            try:
-                await self._consumer().commit()
-            except CommitFailedError as err:
-                # The partitions moved while we worked; the new owner replays them idempotently.
-                log.warning("offset commit refused after a rebalance: %s", err)
+            await self._process(work, offsets, phase)
+        elif offsets:
+            await self.publisher.put([], offsets)
+            phase.done("handoff")
 
     async def _start_over(self) -> None:
         """Forgets what a failed batch did, as a scheduler taking over these partitions would.
@@ -108,6 +119,7 @@ class Scheduler:
         offsets, and every owned job is reconciled from Postgres (which also brings back retries,
         progress flushes and lease checks that were due in the lost batch).
         """
+        await self.publisher.drain()  # what was recorded is announced first, and its offsets committed
         await rewind_to_committed(self._consumer())
         self._machine = JobMachine(self._settings.progress_interval_ms / 1000)
         self._ownership.newly_assigned |= set(self.owned_partitions())
@@ -180,8 +192,15 @@ class Scheduler:
                 if found.cancel_reason is not None and into.cancel_reason is None:
                     into.cancel_reason = found.cancel_reason
 
-    async def _process(self, work: dict[uuid.UUID, JobWork]) -> None:
+    async def _process(
+        self,
+        work: dict[uuid.UUID, JobWork],
+        offsets: dict[TopicPartition, int] | None = None,
+        phase: _Phases | None = None,
+    ) -> None:
         out = await retry_conflicts(lambda: self._record(work), "scheduler batch")
+        if phase:
+            phase.done("record")
         for entry in out.retry_at:
             heapq.heappush(self._retries, entry)
         for kind, state, seconds in out.finished:
@@ -191,15 +210,19 @@ class Scheduler:
             metrics.CHUNK_RETRIES.labels(kind=kind).inc()
         for kind in out.dead:
             metrics.DEAD_LETTERS.labels(kind=kind).inc()
-        await self._publish(out)
+        await self.publisher.put(self._messages(out), offsets)
+        if phase:
+            phase.done("handoff")
 
     async def _record(self, work: dict[uuid.UUID, JobWork]) -> Outbound:
         """One transaction over the jobs of the batch; what to publish once it committed."""
         out = Outbound()
         async with self._pool.connection() as conn, conn.transaction():
             jobs = await store.lock_jobs(conn, list(work))
+            await self._machine.prepare(conn, jobs, work)
             for job in jobs:
                 await self._machine.apply(conn, job, work[job.id], out)
+            await self._machine.flush_chunks(conn)
             await store.save_jobs(conn, jobs)
             await store.insert_events(conn, [(uuid.UUID(e.job_id), e.seq, e.SerializeToString()) for e in out.events])
         return out
@@ -219,9 +242,9 @@ class Scheduler:
                 log.warning("counting running jobs failed: %s", err)
             await asyncio.sleep(every_s)
 
-    async def _publish(self, out: Outbound) -> None:
+    def _messages(self, out: Outbound) -> list[Message]:
         topic = self._settings.topic
-        messages: list[tuple[str, bytes, bytes]] = []
+        messages: list[Message] = []
         messages += [
             (topic(topics.CHUNKS), f"{t.job_id}/{t.chunk_index}/{t.attempt}".encode(), t.SerializeToString())
             for t in out.tasks
@@ -229,20 +252,16 @@ class Scheduler:
         messages += [(topic(topics.UPDATES), e.job_id.encode(), e.SerializeToString()) for e in out.events]
         messages += [(topic(topics.CONTROL), c.job_id.encode(), c.SerializeToString()) for c in out.controls]
         messages += [(topic(topics.DEAD_LETTER), d.job_id.encode(), d.SerializeToString()) for d in out.dead_letters]
-        # In slices, each acknowledged before the next is sent: a 100,000-chunk job's tasks at once
-        # outran the broker's request timeout, and retrying them whole sent them all again.
-        for start in range(0, len(messages), PUBLISH_SLICE):
-            await self._publish_slice(messages[start : start + PUBLISH_SLICE])
+        return messages
 
-    async def _publish_slice(self, messages: list[tuple[str, bytes, bytes]]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                futures = [await self._producer.send(t, value=v, key=k) for t, k, v in messages]
-                await asyncio.gather(*futures)
-                return
-            except KafkaError as err:
-                # Postgres already holds the outcome; only the announcement waits for the broker.
-                log.warning("publishing %d messages failed (%s); retrying in %.1fs", len(messages), err, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+class _Phases:
+    """Times the phases of one batch in the loop into the phase histogram."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+
+    def done(self, phase: str) -> None:
+        now = time.monotonic()
+        metrics.BATCH_PHASE.labels(phase=phase).observe(now - self._last)
+        self._last = now

@@ -24,6 +24,7 @@ from jobstream.progress import ProgressTracker
 from jobstream.states import JobState
 from jobstream.v1 import jobstream_pb2 as pb
 from services.scheduler import store
+from services.scheduler.pacing import ProgressPacer
 from services.scheduler.store import Conn, JobRow
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,39 @@ class Outbound:
 
 class JobMachine:
     def __init__(self, progress_interval_s: float) -> None:
-        self._interval = progress_interval_s
+        self._pacer = ProgressPacer(progress_interval_s)
         self._trackers: dict[uuid.UUID, ProgressTracker] = {}
-        self._last_emit: dict[uuid.UUID, float] = {}
         # Jobs whose coalesced progress event is held back until this monotonic time.
         self.progress_due: dict[uuid.UUID, float] = {}
         # The newest worker report behind a job's next event: the event carries its time, so the
         # latency a client sees is measured from the worker, not from the scheduler.
         self._report_time: dict[uuid.UUID, Timestamp] = {}
+        # Within one batch: the inputs of the jobs it starts, read together up front, and their
+        # chunk rows, written together by flush_chunks.
+        self._inputs: dict[uuid.UUID, bytes] = {}
+        self._new_chunks: list[tuple[uuid.UUID, int, bytes]] = []
+        self._counted: dict[uuid.UUID, list[int]] = {}
+
+    async def prepare(self, conn: Conn, jobs: list[JobRow], work: dict[uuid.UUID, JobWork]) -> None:
+        """Does for the whole batch, one statement each, what would otherwise cost a query per job:
+        reads the inputs of the jobs it may start, and records the chunk successes of running jobs
+        (a success stands whatever else the batch says about the job)."""
+        starting = [j.id for j in jobs if j.state == JobState.QUEUED and (work[j.id].submitted or work[j.id].reconcile)]
+        self._inputs = await store.read_inputs(conn, starting)
+        self._new_chunks = []
+        successes: dict[tuple[uuid.UUID, int], str] = {}
+        for job in jobs:
+            if job.state == JobState.RUNNING:
+                for r in work[job.id].reports:
+                    if r.type == bus_pb2.CHUNK_SUCCEEDED:
+                        successes.setdefault((job.id, r.chunk_index), r.result_json.decode() or "null")
+        self._counted = await store.record_successes(conn, [(j, i, r) for (j, i), r in successes.items()])
+
+    async def flush_chunks(self, conn: Conn) -> None:
+        """Writes the chunk rows of the jobs started so far; before anything else touches their chunks."""
+        if self._new_chunks:
+            rows, self._new_chunks = self._new_chunks, []
+            await store.insert_chunks(conn, rows)
 
     async def apply(self, conn: Conn, job: JobRow, work: JobWork, out: Outbound) -> None:
         tracker = self._tracker(job)
@@ -94,7 +120,7 @@ class JobMachine:
 
     def forget(self, job_id: uuid.UUID) -> None:
         self._trackers.pop(job_id, None)
-        self._last_emit.pop(job_id, None)
+        self._pacer.forget(job_id)
         self._report_time.pop(job_id, None)
         self.progress_due.pop(job_id, None)
 
@@ -147,17 +173,17 @@ class JobMachine:
             return
         try:
             kind = get_kind(job.kind)
-            payloads = list(kind.split(job.params, await store.read_input(conn, job.id)))
+            payloads = list(kind.split(job.params, self._inputs.pop(job.id, b"")))
         except Exception as err:
             log.warning("job %s: split failed: %s", job.id, err)
             await self._end(conn, job, JobState.FAILED, out, error=f"splitting the job failed: {err}")
             return
-        await store.insert_chunks(conn, job.id, payloads)
+        self._new_chunks += [(job.id, idx, payload) for idx, payload in enumerate(payloads)]
         job.state = JobState.RUNNING
         job.total_chunks = len(payloads)
         job.started_at = time.time()
         self._event(job, out, pb.JOB_STARTED, message=f"split into {len(payloads)} chunks")
-        self._last_emit[job.id] = time.monotonic()
+        self._pacer.started(job.id, time.monotonic())
         params = dumps(job.params).encode()
         timeout_ms = _timeout_ms(kind, job)
         for idx, payload in enumerate(payloads):
@@ -179,6 +205,7 @@ class JobMachine:
         kind = get_kind(job.kind)
         params = dumps(job.params).encode()
         timeout_ms = _timeout_ms(kind, job)
+        await self.flush_chunks(conn)
         due, later = await store.pending_chunks(conn, job.id, only)
         for idx, attempt, payload in due:
             out.tasks.append(_task(job, kind, idx, attempt, payload, params, timeout_ms))
@@ -202,13 +229,21 @@ class JobMachine:
     async def _reports(self, conn: Conn, job: JobRow, reports: list[bus_pb2.ChunkReport], out: Outbound) -> bool:
         """Applies workers' reports; returns whether progress changed."""
         tracker = self._tracker(job)
+        changed = False
+        # Recorded by prepare(), which ran while the job was running: they count even if the
+        # job ended earlier in this batch, so its counters agree with its chunks.
+        counted = self._counted.pop(job.id, [])
+        if counted:
+            for idx in counted:
+                tracker.chunk_finished(idx)
+            job.done_chunks += len(counted)
+            job.changed = True
+            changed = True
         if JobState(job.state).terminal:
             stopped = [r.chunk_index for r in reports if r.type == bus_pb2.CHUNK_CANCELLED]
             if stopped:
                 await store.mark_cancelled(conn, job.id, stopped)
             return False
-        successes: dict[int, str] = {}
-        changed = False
         newest = max(reports, key=lambda r: (r.time.seconds, r.time.nanos)).time
         if newest.seconds:
             self._report_time[job.id] = newest
@@ -218,8 +253,6 @@ class JobMachine:
                 if report.message:
                     job.progress_message = report.message
                 changed = True
-            elif report.type == bus_pb2.CHUNK_SUCCEEDED:
-                successes.setdefault(report.chunk_index, report.result_json.decode() or "null")
             elif report.type == bus_pb2.CHUNK_FAILED:
                 changed |= await self._chunk_failed(conn, job, report, out)
             elif report.type == bus_pb2.CHUNK_CANCELLED:
@@ -229,13 +262,6 @@ class JobMachine:
                 await self._requeue(conn, job, report.chunk_index, report.attempt, out, reason)
             if JobState(job.state).terminal:
                 return False
-        if successes:
-            counted = await store.record_successes(conn, job.id, list(successes.items()))
-            for idx in counted:
-                tracker.chunk_finished(idx)
-            job.done_chunks += len(counted)
-            job.changed = True
-            changed = True
         return changed
 
     async def _chunk_failed(self, conn: Conn, job: JobRow, report: bus_pb2.ChunkReport, out: Outbound) -> bool:
@@ -291,6 +317,7 @@ class JobMachine:
         job.changed = True
         out.finished.append((job.kind, state.name.lower(), time.time() - (job.started_at or time.time())))
         if state != JobState.SUCCEEDED and job.total_chunks:
+            await self.flush_chunks(conn)
             await store.mark_cancelled(conn, job.id)
             # Workers stop what still runs of a job that ended without them.
             out.controls.append(bus_pb2.JobControl(job_id=str(job.id), type=bus_pb2.CANCEL, reason=error or message))
@@ -305,15 +332,14 @@ class JobMachine:
         self._event(job, out, type_, **fields)
 
     def _maybe_progress(self, job: JobRow, tracker: ProgressTracker, out: Outbound) -> None:
-        """Coalesces progress: at most one event per interval per job, the first one at once."""
+        """Coalesces progress: an event now if the job's pace allows, else one when it does."""
         now = time.monotonic()
-        last = self._last_emit.get(job.id, 0.0)
-        if now - last >= self._interval:
+        wait_s = self._pacer.spend(job.id, now)
+        if wait_s == 0.0:
             self._event(job, out, pb.JOB_PROGRESS, message=tracker.message)
-            self._last_emit[job.id] = now
             self.progress_due.pop(job.id, None)
         else:
-            self.progress_due.setdefault(job.id, last + self._interval)
+            self.progress_due.setdefault(job.id, now + wait_s)
 
 
 def _timeout_ms(kind: JobKind, job: JobRow) -> int:

@@ -94,16 +94,19 @@ async def insert_events(conn: Conn, events: Sequence[tuple[uuid.UUID, int, bytes
             await copy.write_row(row)
 
 
-async def read_input(conn: Conn, job_id: uuid.UUID) -> bytes:
-    cur = await conn.execute("SELECT data FROM job_inputs WHERE job_id = %s", (job_id,))
-    row = await cur.fetchone()
-    return b"" if row is None else bytes(row[0])
+async def read_inputs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+    """The inputs of the jobs a batch starts, in one query; a job without input is absent."""
+    if not job_ids:
+        return {}
+    cur = await conn.execute("SELECT job_id, data FROM job_inputs WHERE job_id = ANY(%s)", (list(job_ids),))
+    return {job_id: bytes(data) for job_id, data in await cur.fetchall()}
 
 
-async def insert_chunks(conn: Conn, job_id: uuid.UUID, payloads: Sequence[bytes]) -> None:
+async def insert_chunks(conn: Conn, rows: Iterable[tuple[uuid.UUID, int, bytes]]) -> None:
+    """(job, idx, payload) rows of every job a batch starts, in one COPY."""
     async with conn.cursor() as cur, cur.copy("COPY chunks (job_id, idx, payload) FROM STDIN") as copy:
-        for idx, payload in enumerate(payloads):
-            await copy.write_row((job_id, idx, payload))
+        for row in rows:
+            await copy.write_row(row)
 
 
 async def pending_chunks(
@@ -139,30 +142,36 @@ async def pending_chunks(
     return due, later
 
 
-async def record_successes(conn: Conn, job_id: uuid.UUID, results: Sequence[tuple[int, str]]) -> list[int]:
-    """Marks chunks succeeded unless already final; returns the ones this call counted.
+async def record_successes(conn: Conn, results: Sequence[tuple[uuid.UUID, int, str]]) -> dict[uuid.UUID, list[int]]:
+    """Marks (job, chunk) succeeded unless already final, for every job of a batch in one statement;
+    returns per job the chunks this call counted.
 
     First completion wins, whatever its attempt: a late duplicate finds the chunk final and is not
     counted again.
     """
-    # The job id comes with every row of the unnest, not as a constant: with a constant, a job whose
-    # chunks were just inserted (no statistics yet) got a scan of all its chunks per batch, which
-    # made a 100,000-chunk job crawl; joined per row it is one primary-key lookup per chunk.
+    if not results:
+        return {}
+    # The job id comes with every row of the unnest: with a constant, a job whose chunks were just
+    # inserted (no statistics yet) got a scan of all its chunks per batch, which made a
+    # 100,000-chunk job crawl; joined per row it is one primary-key lookup per chunk.
     cur = await conn.execute(
         "UPDATE chunks c SET state = %s, result = t.result::jsonb, finished_at = now(),"
         " lease_expires_at = NULL, error = NULL"
         " FROM unnest(%s::uuid[], %s::int[], %s::text[]) AS t(job_id, idx, result)"
-        " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.state IN (%s, %s) RETURNING c.idx",
+        " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.state IN (%s, %s) RETURNING c.job_id, c.idx",
         (
             ChunkState.SUCCEEDED,
-            [job_id] * len(results),
-            [i for i, _ in results],
-            [r for _, r in results],
+            [j for j, _, _ in results],
+            [i for _, i, _ in results],
+            [r for _, _, r in results],
             ChunkState.PENDING,
             ChunkState.RUNNING,
         ),
     )
-    return [row[0] for row in await cur.fetchall()]
+    counted: dict[uuid.UUID, list[int]] = {}
+    for job_id, idx in await cur.fetchall():
+        counted.setdefault(job_id, []).append(idx)
+    return counted
 
 
 async def running_failures(conn: Conn, job_id: uuid.UUID, idx: int, attempt: int) -> int | None:

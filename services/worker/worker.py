@@ -56,7 +56,7 @@ class Worker:
         self._running: dict[tuple[str, int], ChunkRun] = {}
         self._slot_free = asyncio.Event()
         self._cancelled: dict[str, float] = {}
-        self._control = make_broadcast_consumer(settings)
+        self._control = make_broadcast_consumer(settings, settings.kafka_control_fetch_wait_ms)
         metrics.CONCURRENCY.set(settings.worker_concurrency)
         metrics.IN_FLIGHT.set_function(lambda: len(self._running))
 
