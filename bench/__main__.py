@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import bigjob, cancel, events, fanout, report, submit, throughput, transport
+from bench import bigjob, cancel, capacity, events, fanout, report, submit, throughput, transport
 from bench.sizes import FULL, SMOKE, Sizes
 from bench.stack import BenchStack
 from bench.stats import Figure, Run, aggregate
@@ -34,6 +34,7 @@ SCENARIOS: dict[str, Scenario] = {
     "cancel": cancel.run,
     "events": events.run,
     "bigjob": bigjob.run,
+    "capacity": capacity.run,
     "fanout": fanout.run,
 }
 NOT_IMPLEMENTED: tuple[str, ...] = ()

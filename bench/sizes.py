@@ -32,6 +32,10 @@ class Sizes:
     fanout_channels: int = 10
     fanout_seconds: float = 10.0
     fanout_step_ms: int = 3000
+    # 8: what a chunk and an event cost (docs/capacity.md).
+    capacity_jobs: int = 10
+    capacity_chunks_per_job: int = 1000
+    capacity_event_jobs: int = 250
     # Every scenario after throughput runs on this worker pool: enough slots for every job of
     # the event and fan-out scenarios to have its chunk running at once.
     wide_workers: int = 4
@@ -56,6 +60,9 @@ SMOKE = Sizes(
     fanout_channels=2,
     fanout_seconds=2.0,
     fanout_step_ms=500,
+    capacity_jobs=2,
+    capacity_chunks_per_job=50,
+    capacity_event_jobs=10,
     wide_workers=2,
     wide_concurrency=16,
 )

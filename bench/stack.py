@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient
 
+from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.embedded.procs import descendants
 from jobstream.embedded.stack import LocalStack
 
@@ -40,6 +41,10 @@ class BenchStack(LocalStack):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.env_overrides = {**BENCH_ENV, **self.env_overrides}
+        # Counts statements for the capacity scenario (a small cost on every statement).
+        self.postgres = EmbeddedPostgres(
+            self.root / "postgres", durable=False, settings={"shared_preload_libraries": "pg_stat_statements"}
+        )
 
     async def set_workers(self, count: int, concurrency: int = 0) -> None:
         """Runs exactly `count` workers with this concurrency, and returns once the worker group has

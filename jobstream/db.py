@@ -65,14 +65,23 @@ async def check_idle_connection(conn: psycopg.AsyncConnection[Any]) -> None:
         raise psycopg.OperationalError("the server closed the connection or sent an error while it was idle")
 
 
-async def open_pool(settings: Settings, *, name: str, min_size: int = 1) -> AsyncConnectionPool:
-    """Opens a pool and waits for its first connection, so a wrong URL fails at start, not later."""
+async def open_pool(
+    settings: Settings, *, name: str, min_size: int = 1, idle_transaction_timeout_s: float | None = None
+) -> AsyncConnectionPool:
+    """Opens a pool and waits for its first connection, so a wrong URL fails at start, not later.
+
+    With `idle_transaction_timeout_s`, the server ends a session that sits that long inside a
+    transaction (its process paused or stuck), so the locks it holds do not stall everyone else.
+    """
+    kwargs: dict[str, Any] = {"autocommit": True, "application_name": f"jobstream-{name}"}
+    if idle_transaction_timeout_s is not None:
+        kwargs["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_timeout_s * 1000)}"
     pool = AsyncConnectionPool(
         settings.database_url,
         min_size=min_size,
         max_size=max(min_size, settings.db_pool_max),
         name=name,
-        kwargs={"autocommit": True, "application_name": f"jobstream-{name}"},
+        kwargs=kwargs,
         # A connection that died with the server (a restart, a failover) is replaced when taken,
         # instead of failing the first statement that uses it.
         check=check_idle_connection,

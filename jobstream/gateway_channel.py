@@ -47,6 +47,14 @@ def _bearer_interceptors(token: str) -> list[Any]:
     return [_UnaryToken(header), _StreamToken(header)]
 
 
+def spread(address: str, options: ChannelOptions) -> tuple[str, ChannelOptions]:
+    """The gRPC target and options for one gateway address or a comma-separated list of them."""
+    if "," not in address:
+        return address, options
+    targets = ",".join(part.strip() for part in address.split(",") if part.strip())
+    return f"ipv4:{targets}", (*options, ("grpc.lb_policy_name", "round_robin"))
+
+
 def gateway_channel(
     address: str,
     *,
@@ -57,8 +65,10 @@ def gateway_channel(
     options: ChannelOptions = (),
 ) -> grpc.aio.Channel:
     """Plaintext, or TLS verified against the `ca` file (with a client certificate for mTLS); with
-    `token`, every call carries it."""
+    `token`, every call carries it. `address` may list several gateways, comma-separated (IPv4
+    host:port): calls are then spread over them round robin, and one that is down is skipped."""
     interceptors = _bearer_interceptors(token) if token else None
+    address, options = spread(address, options)
     if not ca:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(

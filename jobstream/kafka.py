@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
@@ -88,8 +87,34 @@ def make_group_consumer(
     return consumer
 
 
+def co_partitioned(
+    cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata], version: int = 0
+) -> dict[str, ConsumerProtocolMemberAssignment]:
+    """Deals partition numbers round robin over the members, each member getting its numbers on
+    every topic it subscribes to.
+
+    The job-keyed topics carry one job on the same partition number, and its scheduler must read
+    all of them: plain round robin over every topic-partition keeps numbers together only while
+    the member count divides the partition count (a 5th scheduler would read the progress of jobs
+    whose submits another one owns, and both would be fenced off them).
+    """
+    subscribed = {topic for member in members.values() for topic in member.subscription}
+    numbers = sorted({p for topic in subscribed for p in cluster.partitions_for_topic(topic) or ()})
+    ordered = sorted(members)
+    dealt: dict[str, dict[str, list[int]]] = {member: {} for member in ordered}
+    for i, number in enumerate(numbers):
+        member = ordered[i % len(ordered)]
+        for topic in sorted(members[member].subscription):
+            if number in (cluster.partitions_for_topic(topic) or ()):
+                dealt[member].setdefault(topic, []).append(number)
+    return {
+        member: ConsumerProtocolMemberAssignment(version, sorted(topics.items()), b"")
+        for member, topics in dealt.items()
+    }
+
+
 def counted_round_robin(current: Callable[[], ClusterMetadata]) -> type[AbstractPartitionAssignor]:
-    """Round robin, with partition counts in each member's metadata.
+    """Co-partitioned round robin (co_partitioned), with partition counts in each member's metadata.
 
     When a topic's partition count changes (a broker that came back empty re-creates topics that a
     producer auto-created with the wrong count), the group leader joins again to assign the new
@@ -114,10 +139,7 @@ def counted_round_robin(current: Callable[[], ClusterMetadata]) -> type[Abstract
             topics = {topic for member in members.values() for topic in member.subscription}
             assigned_with.clear()
             assigned_with.update(counts(cluster, topics))
-            assignment: dict[str, ConsumerProtocolMemberAssignment] = RoundRobinPartitionAssignor.assign(
-                cluster, members
-            )
-            return assignment
+            return co_partitioned(cluster, members, cls.version)
 
         @classmethod
         def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:

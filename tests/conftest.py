@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
@@ -9,6 +10,8 @@ import grpc
 import psycopg
 import pytest
 
+from jobstream.db import apply_schema
+from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.stack import Stack
 
@@ -26,12 +29,14 @@ def stack_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(root: Path, workers: int, **env: str) -> AsyncIterator[Stack]:
-    """A real stack: Postgres, broker, scheduler, gateway and workers, stopped on exit."""
+async def running_stack(
+    root: Path, workers: int, *, gateways: int = 1, schedulers: int = 1, **env: str
+) -> AsyncIterator[Stack]:
+    """A real stack: Postgres, broker, schedulers, gateways and workers, stopped on exit."""
     stack = Stack(root=root, env_overrides=env)
     LIVE_STACKS.append(stack)
     try:
-        await stack.start(workers=workers)
+        await stack.start(workers=workers, gateways=gateways, schedulers=schedulers)
         yield stack
     finally:
         LIVE_STACKS.remove(stack)
@@ -83,8 +88,8 @@ def client(channel: grpc.aio.Channel) -> Client:
 
 
 @pytest.fixture
-async def db(stack: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
-    async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
+async def db(stack: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+    async with db_of(stack) as conn:
         yield conn
 
 
@@ -107,3 +112,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for stack in LIVE_STACKS:
             report.sections.append((f"logs of the stack in {stack.root}", stack.log_tails()))
     return report
+
+
+@pytest.fixture
+async def postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+    """A Postgres of the test's own, with the schema, so what the test does to it disturbs nothing else."""
+    pg = EmbeddedPostgres(tmp_path / "pg", durable=False)
+    await apply_schema(await asyncio.to_thread(pg.start))
+    try:
+        yield pg
+    finally:
+        await asyncio.to_thread(pg.stop)

@@ -15,7 +15,7 @@ from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
-from tests.conftest import running_stack
+from tests.conftest import db_of, running_stack
 from tests.helpers import assert_contiguous, params, read_rest, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
@@ -47,7 +47,7 @@ async def client(own: Stack) -> AsyncIterator[Client]:
 
 @pytest.fixture
 async def db(own: Stack) -> AsyncIterator[Db]:
-    async with await psycopg.AsyncConnection.connect(own.database_url, autocommit=True) as conn:
+    async with db_of(own) as conn:
         yield conn
 
 

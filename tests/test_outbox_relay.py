@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,7 +15,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from jobstream import topics
 from jobstream.config import Settings
-from jobstream.db import apply_schema
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.kafka import make_broadcast_consumer, make_producer
 from jobstream.topics import ensure_topics
@@ -26,17 +23,6 @@ from tests.helpers import wait_for
 from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
-    """A Postgres of the test's own, so stopping it disturbs nothing else."""
-    pg = EmbeddedPostgres(tmp_path / "pg", durable=False)
-    await apply_schema(await asyncio.to_thread(pg.start))
-    try:
-        yield pg
-    finally:
-        await asyncio.to_thread(pg.stop)
 
 
 async def _outbox_row(url: str, topic: str, key: bytes) -> None:

@@ -111,7 +111,7 @@ def _wait_ready(up: ChildProcess, ready_file: Path) -> str | None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         try:
-            address = ready_file.read_text().strip()
+            address = next(iter(ready_file.read_text().split()), "")
         except FileNotFoundError:
             address = ""
         if address:

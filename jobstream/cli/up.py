@@ -29,7 +29,7 @@ from jobstream.db import apply_schema
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.embedded.dev_key import provision_dev_token
 from jobstream.embedded.postgres import EmbeddedPostgres
-from jobstream.embedded.procs import ChildProcess
+from jobstream.embedded.procs import ChildProcess, replica_name
 from jobstream.local_files import DATABASE_URL_FILE, DEV_TOKEN_FILE, STATE_DIR, write_secret
 from jobstream.topics import ensure_topics
 
@@ -50,11 +50,14 @@ class StartupError(RuntimeError):
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes to run (default 2)")
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes, on consecutive ports (default 1)")
+    parser.add_argument("--schedulers", type=int, default=1, help="scheduler processes (default 1)")
     parser.add_argument(
         "--gateway-listen",
         default=os.environ.get("JOBSTREAM_GATEWAY_LISTEN") or "127.0.0.1:50051",
         metavar="HOST:PORT",
-        help="where the gateway listens (default $JOBSTREAM_GATEWAY_LISTEN or 127.0.0.1:50051)",
+        help="where the first gateway listens; the others take the next ports "
+        "(default $JOBSTREAM_GATEWAY_LISTEN or 127.0.0.1:50051)",
     )
     parser.add_argument(
         "--state-dir",
@@ -76,13 +79,18 @@ def run_up(args: argparse.Namespace) -> int:
     if args.workers < 0:
         print("jobstream up: --workers must be 0 or more", file=sys.stderr)
         return 2
+    for option, count in (("--gateways", args.gateways), ("--schedulers", args.schedulers)):
+        if count < 1:
+            print(f"jobstream up: {option} must be 1 or more", file=sys.stderr)
+            return 2
     try:
         settings = Settings.from_env(gateway_listen=args.gateway_listen)
     except SettingsError as err:
         print(f"jobstream up: {err}", file=sys.stderr)
         return 2
     signals = _Signals()
-    stack = _Stack(settings, args.workers, Path(args.state_dir).absolute(), args.ready_file, signals)
+    replicas = Replicas(gateways=args.gateways, schedulers=args.schedulers, workers=args.workers)
+    stack = _Stack(settings, replicas, Path(args.state_dir).absolute(), args.ready_file, signals)
     failed = False
     with signals.installed():
         try:
@@ -142,13 +150,27 @@ class _Service:
         self.restart_at = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+    gateways: int = 1
+    schedulers: int = 1
+    workers: int = 2
+
+
+def gateway_listens(first: str, count: int) -> list[str]:
+    """Where each gateway listens: the first where asked, the others on the next ports."""
+    host, _, port = first.rpartition(":")
+    return [f"{host}:{int(port) + i}" for i in range(count)]
+
+
 class _Stack:
     def __init__(
-        self, settings: Settings, workers: int, state_dir: Path, ready_file: Path | None, signals: _Signals
+        self, settings: Settings, replicas: Replicas, state_dir: Path, ready_file: Path | None, signals: _Signals
     ) -> None:
         self.settings = settings
         self.signals = signals
-        self.workers = workers
+        self.replicas = replicas
+        self.gateways = gateway_listens(settings.gateway_listen, replicas.gateways)
         self.state_dir = state_dir
         self.logs = state_dir / "logs"
         self.ready_file = ready_file
@@ -168,7 +190,7 @@ class _Stack:
         asyncio.run(provision_dev_token(self.settings.database_url, self.state_dir / DEV_TOKEN_FILE))
         asyncio.run(ensure_topics(self.settings))
         self._start_services()
-        self._wait_for_gateway()
+        self._wait_for_gateways()
         self._announce()
         self.ready = True
 
@@ -195,8 +217,15 @@ class _Stack:
             "PYTHONUNBUFFERED": "1",
             **(self.broker.client_env() if self.broker is not None else {}),
         }
-        specs: list[tuple[str, dict[str, str]]] = [("scheduler", {}), ("gateway", {})]
-        specs += [(f"worker-{i}", {"JOBSTREAM_WORKER_ID": f"worker-{i}"}) for i in range(1, self.workers + 1)]
+        specs: list[tuple[str, dict[str, str]]] = [
+            (replica_name("scheduler", i), {}) for i in range(1, self.replicas.schedulers + 1)
+        ]
+        specs += [
+            (replica_name("gateway", i), {"JOBSTREAM_GATEWAY_LISTEN": listen})
+            for i, listen in enumerate(self.gateways, 1)
+        ]
+        workers = range(1, self.replicas.workers + 1)
+        specs += [(f"worker-{i}", {"JOBSTREAM_WORKER_ID": f"worker-{i}"}) for i in workers]
         for name, extra in specs:
             module = "services." + name.split("-")[0]
             child = ChildProcess(
@@ -209,8 +238,13 @@ class _Stack:
             self.services.append(service)
             service.start()
 
-    def _wait_for_gateway(self) -> None:
-        target = _connect_address(self.settings.gateway_listen)
+    def _wait_for_gateways(self) -> None:
+        for name, listen in zip(
+            (replica_name("gateway", i) for i in range(1, len(self.gateways) + 1)), self.gateways, strict=True
+        ):
+            self._wait_for_gateway(name, _connect_address(listen))
+
+    def _wait_for_gateway(self, name: str, target: str) -> None:
         deadline = time.monotonic() + GATEWAY_READY_TIMEOUT
         with grpc.insecure_channel(target) as channel:
             while True:
@@ -223,16 +257,20 @@ class _Stack:
                 except grpc.FutureTimeoutError:
                     pass
                 if time.monotonic() > deadline:
-                    gateway = next(s.child for s in self.services if s.child.name == "gateway")
+                    gateway = next(s.child for s in self.services if s.child.name == name)
                     raise StartupError(
                         f"gateway not reachable at {target} after {GATEWAY_READY_TIMEOUT:.0f} s "
                         f"(log {gateway.log_path}):\n{gateway.log_tail()}"
                     )
 
     def _announce(self) -> None:
-        target = _connect_address(self.settings.gateway_listen)
+        targets = [_connect_address(listen) for listen in self.gateways]
+        counts = ", ".join(
+            f"{n} {what}{'' if n == 1 else 's'}"
+            for what, n in (("scheduler", self.replicas.schedulers), ("worker", self.replicas.workers))
+        )
         print(
-            f"jobstream up: gateway {target}, {self.workers} worker{'' if self.workers == 1 else 's'}, "
+            f"jobstream up: gateway{'' if len(targets) == 1 else 's'} {', '.join(targets)}, {counts}, "
             f"postgres {_redact(self.settings.database_url)}, kafka {self.settings.kafka_bootstrap} "
             f"(logs in {_shown(self.logs)}; the dev tenant's API key is in {_shown(self.state_dir / DEV_TOKEN_FILE)}; "
             "Ctrl-C to stop)",
@@ -240,7 +278,7 @@ class _Stack:
         )
         if self.ready_file is not None:
             partial = self.ready_file.with_name(self.ready_file.name + ".partial")
-            partial.write_text(target + "\n")
+            partial.write_text("".join(t + "\n" for t in targets))
             partial.replace(self.ready_file)
 
     def supervise(self) -> None:

@@ -13,6 +13,7 @@ import stat
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
@@ -109,6 +110,7 @@ class EmbeddedPostgres:
         *,
         durable: bool = True,
         log_path: Path | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir.absolute()
         self.port = port if port is not None else free_port()
@@ -121,6 +123,7 @@ class EmbeddedPostgres:
             # No unix socket: clients use TCP, and a socket path can outgrow its 107-byte limit.
             *("-k", "", "-c", "max_connections=200"),
             *(() if durable else _NO_SYNC),
+            *(arg for name, value in (settings or {}).items() for arg in ("-c", f"{name}={value}")),
         ]
         # SIGINT is postgres's fast shutdown: it disconnects clients instead of waiting for them,
         # so it is also what the server gets when its parent dies.

@@ -263,3 +263,8 @@ def log_tails(processes: Mapping[str, Logged], lines: int = 40) -> str:
     return "\n".join(
         f"== {name} (pid {proc.pid}, alive {proc.alive})\n{proc.log_tail(lines)}" for name, proc in processes.items()
     )
+
+
+def replica_name(service: str, i: int) -> str:
+    """`scheduler` for the first replica of a service, `scheduler-2`, `scheduler-3`, ... for the others."""
+    return service if i == 1 else f"{service}-{i}"

@@ -17,7 +17,7 @@ from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.embedded.dev_key import provision_dev_token
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.postgres import EmbeddedPostgres
-from jobstream.embedded.procs import ChildProcess, log_tails, stop_services
+from jobstream.embedded.procs import ChildProcess, log_tails, replica_name, stop_services
 from jobstream.gateway_channel import gateway_channel
 from jobstream.local_files import DEV_TOKEN_FILE
 from jobstream.topics import ensure_topics
@@ -32,7 +32,8 @@ class LocalStack:
     broker: EmbeddedBroker = field(init=False)
     database_url: str = ""
     bootstrap: str = ""
-    gateway_addr: str = ""
+    gateway_addr: str = ""  # the first gateway's
+    gateway_addrs: list[str] = field(default_factory=list)
     token: str = ""  # the dev tenant's API key, also in root/dev-token
     services: dict[str, ChildProcess] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
@@ -77,29 +78,34 @@ class LocalStack:
     def workers(self) -> list[str]:
         return [n for n, p in self.services.items() if n.startswith("worker") and p.alive]
 
-    async def start(self, workers: int) -> None:
+    async def start(self, workers: int, gateways: int = 1, schedulers: int = 1) -> None:
+        """Starts everything; replicas are named `gateway`, `gateway-2`, ... (likewise schedulers)."""
         self.database_url = await asyncio.to_thread(self.postgres.start)
         self.bootstrap = await asyncio.to_thread(self.broker.start)
-        self.gateway_addr = f"127.0.0.1:{free_port()}"
+        self.gateway_addrs = [f"127.0.0.1:{free_port()}" for _ in range(gateways)]
+        self.gateway_addr = self.gateway_addrs[0]
         await apply_schema(self.database_url)
         self.token = await provision_dev_token(self.database_url, self.root / DEV_TOKEN_FILE)
         await ensure_topics(self.settings)
-        self.start_service("scheduler", "services.scheduler")
-        self.start_service("gateway", "services.gateway")
+        for i in range(1, schedulers + 1):
+            self.start_service(replica_name("scheduler", i), "services.scheduler")
+        for i, addr in enumerate(self.gateway_addrs, 1):
+            self.start_service(replica_name("gateway", i), "services.gateway", JOBSTREAM_GATEWAY_LISTEN=addr)
         for i in range(1, workers + 1):
             self.start_worker(f"worker-{i}")
-        await self.wait_gateway()
+        for addr in self.gateway_addrs:
+            await self.wait_gateway(addr)
 
-    def channel(self, token: str | None = None) -> grpc.aio.Channel:
-        """A channel to the gateway whose calls carry `token` (default the dev tenant's key)."""
-        return gateway_channel(self.gateway_addr, token=self.token if token is None else token)
+    def channel(self, token: str | None = None, gateway: int = 0) -> grpc.aio.Channel:
+        """A channel to a gateway (by index) whose calls carry `token` (default the dev tenant's key)."""
+        return gateway_channel(self.gateway_addrs[gateway], token=self.token if token is None else token)
 
-    async def wait_gateway(self, within: float = 60) -> None:
-        async with grpc.aio.insecure_channel(self.gateway_addr) as channel:
+    async def wait_gateway(self, addr: str | None = None, within: float = 60) -> None:
+        async with grpc.aio.insecure_channel(addr or self.gateway_addr) as channel:
             try:
                 await asyncio.wait_for(channel.channel_ready(), within)
             except TimeoutError:
-                raise RuntimeError(f"gateway not ready after {within}s\n{self.log_tails()}") from None
+                raise RuntimeError(f"gateway {addr} not ready after {within}s\n{self.log_tails()}") from None
 
     def log_tails(self, lines: int = 40) -> str:
         return log_tails({**self.services, "broker": self.broker}, lines)

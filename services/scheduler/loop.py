@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -42,14 +43,23 @@ RECONCILE_BATCH = 200
 
 
 class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Remembers which job partitions were just assigned, so their jobs are reconciled."""
+    """Which job partitions this scheduler owns, and at which epoch (see store.take_partitions).
+
+    Partitions just assigned wait in `newly_assigned` until the loop raises their epoch and
+    reconciles their jobs; a revoked partition's epoch is forgotten at once, so no batch writes to
+    its jobs from then on.
+    """
 
     def __init__(self, submitted_topic: str) -> None:
         self._topic = submitted_topic
         self.newly_assigned: set[int] = set()
+        self.epochs: dict[int, int] = {}
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        pass
+        for tp in revoked:
+            if tp.topic == self._topic:
+                self.epochs.pop(tp.partition, None)
+                self.newly_assigned.discard(tp.partition)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         partitions = {tp.partition for tp in assigned if tp.topic == self._topic}
@@ -78,6 +88,8 @@ class Scheduler:
         self._machine = JobMachine(settings.progress_interval_ms / 1000)
         self._retries: list[tuple[float, uuid.UUID, int, int]] = []
         self._topic_of = {settings.topic(t): t for t in topics.SCHEDULER_TOPICS}
+        # Who raised a partition's epoch, for operators reading partition_owners.
+        self.owner = f"{settings.worker_id}/{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
         publishing = essential(self.publisher.run(), "scheduler publisher")
@@ -107,7 +119,7 @@ class Scheduler:
         phase.done("reconcile")
         offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
         if work:
-            await self._process(work, offsets, phase)
+            await self._process(work, offsets, phase, self._sources(records))
         elif offsets:
             await self.publisher.put([], offsets)
             phase.done("handoff")
@@ -178,7 +190,11 @@ class Scheduler:
                 log.warning("checking the broker failed: %s", err)
         if self._ownership.newly_assigned:
             partitions = sorted(self._ownership.newly_assigned)
+            async with self._pool.connection() as conn:
+                epochs = await store.take_partitions(conn, partitions, self.owner)
             self._ownership.newly_assigned.clear()
+            self._ownership.epochs.update(epochs)
+            log.info("took job partitions %s at epochs %s", partitions, [epochs[p] for p in partitions])
             job_ids = await self._reconciler.unfinished_jobs(partitions)
             log.info("reconciling %d unfinished jobs on partitions %s", len(job_ids), partitions)
             for start in range(0, len(job_ids), RECONCILE_BATCH):
@@ -197,10 +213,13 @@ class Scheduler:
         work: dict[uuid.UUID, JobWork],
         offsets: dict[TopicPartition, int] | None = None,
         phase: _Phases | None = None,
+        sources: dict[uuid.UUID, set[TopicPartition]] | None = None,
     ) -> None:
         out = await retry_conflicts(lambda: self._record(work), "scheduler batch")
         if phase:
             phase.done("record")
+        if out.fenced:
+            self._refused(out.fenced, offsets, sources or {})
         for entry in out.retry_at:
             heapq.heappush(self._retries, entry)
         for kind, state, seconds in out.finished:
@@ -218,7 +237,8 @@ class Scheduler:
         """One transaction over the jobs of the batch; what to publish once it committed."""
         out = Outbound()
         async with self._pool.connection() as conn, conn.transaction():
-            jobs = await store.lock_jobs(conn, list(work))
+            jobs = await store.lock_jobs(conn, list(work), dict(self._ownership.epochs))
+            out.fenced = set(work) - {job.id for job in jobs}
             await self._machine.prepare(conn, jobs, work)
             for job in jobs:
                 await self._machine.apply(conn, job, work[job.id], out)
@@ -226,6 +246,30 @@ class Scheduler:
             await store.save_jobs(conn, jobs)
             await store.insert_events(conn, [(uuid.UUID(e.job_id), e.seq, e.SerializeToString()) for e in out.events])
         return out
+
+    def _refused(
+        self,
+        fenced: set[uuid.UUID],
+        offsets: dict[TopicPartition, int] | None,
+        sources: dict[uuid.UUID, set[TopicPartition]],
+    ) -> None:
+        """Jobs the batch could not lock at this scheduler's epoch: their partition moved to another
+        scheduler (or the job does not exist). Their partitions' offsets are not committed, so
+        whoever owns them now, or this scheduler once it owns them again, reads their messages."""
+        metrics.FENCED_JOBS.inc(len(fenced))
+        log.warning("batch left %d jobs alone: not owned by this scheduler at its epoch", len(fenced))
+        for job_id in fenced:
+            for tp in sources.get(job_id, ()):
+                if offsets is not None:
+                    offsets.pop(tp, None)
+
+    def _sources(self, records: list[ConsumerRecord]) -> dict[uuid.UUID, set[TopicPartition]]:
+        """Where each job's messages of the batch came from (by key: the job id)."""
+        found: dict[uuid.UUID, set[TopicPartition]] = defaultdict(set)
+        for record in records:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                found[uuid.UUID(record.key.decode())].add(TopicPartition(record.topic, record.partition))
+        return found
 
     def owned_partitions(self) -> list[int]:
         """The job partitions this scheduler owns now: its jobs are the ones on them."""

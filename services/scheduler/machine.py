@@ -56,6 +56,8 @@ class Outbound:
     finished: list[tuple[str, str, float]] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)  # (monotonic, job, idx, attempt)
+    # Jobs of the batch this scheduler could not lock at its epoch: another one owns them now.
+    fenced: set[uuid.UUID] = field(default_factory=set)
 
 
 class JobMachine:

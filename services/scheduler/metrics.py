@@ -31,3 +31,8 @@ BATCH_MESSAGES = Histogram(
     "Messages consumed per scheduler batch.",
     buckets=(1, 5, 10, 50, 100, 500, 1000, 2000),
 )
+FENCED_JOBS = Counter(
+    "jobstream_scheduler_fenced_jobs_total",
+    "Jobs a batch left alone because their partition is not this scheduler's at its epoch (it moved "
+    "to another scheduler); non-zero around rebalances, steadily rising means a stale scheduler.",
+)

@@ -14,9 +14,13 @@ from services.scheduler.loop import Ownership, Scheduler
 
 log = logging.getLogger("scheduler")
 
+IDLE_BATCH_TIMEOUT_S = 10.0
+
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    pool = await open_pool(settings, name="scheduler", min_size=2)
+    # A scheduler paused inside a batch holds its partitions' owner rows; the one taking them over
+    # waits for that batch, but not for longer than this.
+    pool = await open_pool(settings, name="scheduler", min_size=2, idle_transaction_timeout_s=IDLE_BATCH_TIMEOUT_S)
     producer = make_producer(settings)
     await producer.start()
     ownership = Ownership(settings.topic(topics.SUBMITTED))

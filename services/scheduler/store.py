@@ -5,7 +5,7 @@ event seq unique."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,15 +42,42 @@ class JobRow:
     changed: bool = False
 
 
-async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> list[JobRow]:
-    """Locks the rows in id order, so two transactions never wait on each other in a cycle."""
+async def take_partitions(conn: Conn, partitions: Sequence[int], owner: str) -> dict[int, int]:
+    """Raises the epoch of each partition, so a previous owner's writes to its jobs are refused
+    from now on; returns partition -> the epoch this scheduler now writes with.
+
+    A batch of the previous owner that already holds a partition's row (share-locked by
+    lock_jobs) is waited for: it began while that owner still owned the partition.
+    """
+    cur = await conn.execute(
+        "INSERT INTO partition_owners AS o (partition, epoch, owner)"
+        " SELECT p, 1, %s FROM unnest(%s::smallint[]) AS p ORDER BY p"
+        " ON CONFLICT (partition) DO UPDATE SET epoch = o.epoch + 1, owner = excluded.owner, since = now()"
+        " RETURNING o.partition, o.epoch",
+        (owner, sorted(partitions)),
+    )
+    return {partition: epoch for partition, epoch in await cur.fetchall()}
+
+
+async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID], epochs: Mapping[int, int]) -> list[JobRow]:
+    """Locks the rows of the jobs whose partition this scheduler still owns at its epoch, in id
+    order, so two transactions never wait on each other in a cycle.
+
+    The epoch is checked in this same statement, and the partition's owner row stays share-locked
+    until commit, so a takeover (take_partitions) either happened before, and these jobs are not
+    returned, or waits for this transaction: a stale scheduler's batch changes nothing.
+    """
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "SELECT id, tenant_id, kind, params, options, state, total_chunks, done_chunks, failed_chunks,"
-            " progress_message, last_seq, cancel_requested_at IS NOT NULL AS cancel_requested,"
-            " extract(epoch FROM started_at)::float8 AS started_at"
-            " FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-            (list(job_ids),),
+            "SELECT j.id, j.tenant_id, j.kind, j.params, j.options, j.state, j.total_chunks, j.done_chunks,"
+            " j.failed_chunks, j.progress_message, j.last_seq,"
+            " j.cancel_requested_at IS NOT NULL AS cancel_requested,"
+            " extract(epoch FROM j.started_at)::float8 AS started_at"
+            " FROM jobs j JOIN partition_owners o ON o.partition = j.partition"
+            " JOIN unnest(%s::smallint[], %s::bigint[]) AS mine(partition, epoch)"
+            " ON mine.partition = o.partition AND mine.epoch = o.epoch"
+            " WHERE j.id = ANY(%s) ORDER BY j.id FOR UPDATE OF j FOR SHARE OF o",
+            (list(epochs), list(epochs.values()), list(job_ids)),
         )
         return [JobRow(**row) for row in await cur.fetchall()]
 

@@ -1,0 +1,174 @@
+"""Scenario 8: what one chunk and one event cost, the inputs of docs/capacity.md.
+
+For each: CPU time in every service (the bench's own clients excluded), Kafka messages and bytes
+(keys and values, counted by a reader of every topic), and Postgres transactions, statements, rows
+written and WAL bytes. A chunk is a `demo.sleep` chunk with ms=0, so its figures are jobstream's
+own overhead; an event is a progress event of a running job delivered to one Watch stream (the
+figures include that job's one chunk, spread over its twenty events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from aiokafka import TopicPartition
+
+from bench.client import Stub, channel, submit, watch_to_end
+from bench.client import stub as make_stub
+from bench.sizes import Sizes
+from bench.stack import BenchStack
+from bench.stats import Run
+from jobstream import topics
+from jobstream.embedded.procs import descendants
+from jobstream.kafka import make_broadcast_consumer
+from jobstream.v1 import jobstream_pb2 as pb
+
+# Postgres publishes database statistics from each backend about once a second.
+STATS_DELAY_S = 1.5
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+EVENT_STEP_MS = 250
+EVENT_JOB_MS = 20 * EVENT_STEP_MS
+
+
+async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
+    runs = []
+    async with channel(stack.gateway_addr, stack.token) as ch:
+        stub = make_stub(ch)
+        for _ in range(repeat):
+            figures: Run = {}
+            figures.update(await _measure(stack, "chunk", lambda: _chunks(stub, sizes)))
+            figures.update(await _measure(stack, "event", lambda: _events(stub, sizes)))
+            runs.append(figures)
+    return runs
+
+
+async def _chunks(stub: Stub, sizes: Sizes) -> int:
+    jobs = [await submit(stub, chunks=sizes.capacity_chunks_per_job, ms=0) for _ in range(sizes.capacity_jobs)]
+    await asyncio.gather(*(watch_to_end(stub, job_id) for job_id in jobs))
+    return sizes.capacity_jobs * sizes.capacity_chunks_per_job
+
+
+async def _events(stub: Stub, sizes: Sizes) -> int:
+    delivered = 0
+
+    def seen(event: pb.JobEvent, _: float) -> None:
+        nonlocal delivered
+        delivered += event.type == pb.JOB_PROGRESS
+
+    async def job() -> None:
+        await watch_to_end(stub, await submit(stub, chunks=1, ms=EVENT_JOB_MS), seen)
+
+    await asyncio.gather(*(job() for _ in range(sizes.capacity_event_jobs)))
+    return delivered
+
+
+async def _measure(stack: BenchStack, unit: str, load: Callable[[], Awaitable[int]]) -> Run:
+    """Runs the load and divides what the system spent by the units it reports."""
+    tap = _KafkaTap(stack)
+    await tap.start()
+    try:
+        cpu_before, pg_before = _cpu(stack), await _postgres(stack.database_url)
+        units = await load()
+        await asyncio.sleep(STATS_DELAY_S)
+        cpu_after, pg_after = _cpu(stack), await _postgres(stack.database_url)
+    finally:
+        await tap.stop()
+    figures: Run = {f"{unit}s": float(units)}
+    for name, ticks in cpu_after.items():
+        spent_ms = (ticks - cpu_before.get(name, ticks)) / TICKS_PER_S * 1000
+        figures[f"{unit}_cpu_ms_{_short(name)}"] = figures.get(f"{unit}_cpu_ms_{_short(name)}", 0.0) + spent_ms / units
+    figures[f"{unit}_kafka_messages"] = tap.messages / units
+    figures[f"{unit}_kafka_bytes"] = tap.bytes / units
+    for key, value in pg_after.items():
+        figures[f"{unit}_pg_{key}"] = (value - pg_before[key]) / units
+    return figures
+
+
+def _short(service: str) -> str:
+    """worker-3 -> worker: replicas of one service add up."""
+    return service.split("-")[0]
+
+
+def _cpu(stack: BenchStack) -> dict[str, int]:
+    """CPU clock ticks (user + system) so far of each service, its child processes included."""
+    roots = {name: proc.pid for name, proc in stack.services.items() if proc.alive and proc.pid}
+    roots["broker"] = stack.broker.pid or 0
+    roots["postgres"] = stack.postgres.pid or 0
+    return {name: sum(_ticks(p) for p in [pid, *descendants(pid)]) for name, pid in roots.items() if pid}
+
+
+def _ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+async def _postgres(database_url: str) -> dict[str, float]:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        cur = await conn.execute(
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"
+            " FROM pg_stat_database WHERE datname = current_database()"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        found = {"transactions": float(row[0]), "rows": float(row[1]), "wal_bytes": float(row[2])}
+        with contextlib.suppress(psycopg.Error):
+            cur = await conn.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements")
+            statements = await cur.fetchone()
+            found["statements"] = float(statements[0]) if statements else 0.0
+    return found
+
+
+@dataclass
+class _KafkaTap:
+    """Counts every message (and its key and value bytes) on the stack's topics while it runs."""
+
+    stack: BenchStack
+    messages: int = 0
+    bytes: int = 0
+    _task: asyncio.Task[None] | None = None
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._read())
+        await asyncio.wait_for(self._ready.wait(), 30)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _read(self) -> None:
+        settings = self.stack.settings
+        consumer = make_broadcast_consumer(settings)
+        await consumer.start()
+        try:
+            names = [settings.topic(t) for t in (topics.SUBMITTED, topics.CHUNKS, topics.PROGRESS, topics.CONTROL)]
+            names += [settings.topic(t) for t in (topics.UPDATES, topics.DEAD_LETTER)]
+            tps = [TopicPartition(n, p) for n in names for p in sorted(consumer.partitions_for_topic(n) or ())]
+            consumer.assign(tps)
+            # The broker's end offsets can fall short by a batch; from the last committed write on
+            # that is at most a few messages out of many thousands.
+            await consumer.seek_to_end(*tps)
+            for tp in tps:
+                await consumer.position(tp)
+            self._ready.set()
+            while True:
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    self.messages += len(records)
+                    self.bytes += sum(len(r.value or b"") + len(r.key or b"") for r in records)
+        finally:
+            await consumer.stop()
