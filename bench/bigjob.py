@@ -11,12 +11,9 @@ import psycopg
 from bench.client import Stub, channel, submit, watch_to_end
 from bench.client import stub as make_stub
 from bench.sizes import Sizes
-from bench.stack import BenchStack
+from bench.stack import STATS_FLUSH_S, BenchStack
 from bench.stats import Run
 from jobstream.v1 import jobstream_pb2 as pb
-
-# Postgres publishes table statistics from each backend about once a second.
-STATS_DELAY_S = 1.5
 
 
 async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
@@ -34,7 +31,7 @@ async def _one(stack: BenchStack, stub: Stub, chunks: int) -> Run:
     started = time.time()
     job_id = await submit(stub, chunks=chunks, ms=0)
     ended = await watch_to_end(stub, job_id, lambda event, _: types.append(event.type))
-    await asyncio.sleep(STATS_DELAY_S)
+    await asyncio.sleep(STATS_FLUSH_S)
     after = await _written(stack.database_url)
     figures: Run = {
         "chunks_per_s": chunks / (ended - started),

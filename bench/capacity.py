@@ -21,15 +21,13 @@ from aiokafka import TopicPartition
 from bench.client import Stub, channel, submit, watch_to_end
 from bench.client import stub as make_stub
 from bench.sizes import Sizes
-from bench.stack import BenchStack
+from bench.stack import STATS_FLUSH_S, BenchStack
 from bench.stats import Run
 from jobstream import topics
 from jobstream.embedded.procs import descendants
 from jobstream.kafka import make_broadcast_consumer
 from jobstream.v1 import jobstream_pb2 as pb
 
-# Postgres publishes database statistics from each backend about once a second.
-STATS_DELAY_S = 1.5
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 EVENT_STEP_MS = 250
 EVENT_JOB_MS = 20 * EVENT_STEP_MS
@@ -74,7 +72,7 @@ async def _measure(stack: BenchStack, unit: str, load: Callable[[], Awaitable[in
     try:
         cpu_before, pg_before = _cpu(stack), await _postgres(stack.database_url)
         units = await load()
-        await asyncio.sleep(STATS_DELAY_S)
+        await asyncio.sleep(STATS_FLUSH_S)
         cpu_after, pg_after = _cpu(stack), await _postgres(stack.database_url)
     finally:
         await tap.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from aiokafka import AIOKafkaConsumer
 
 from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
+from jobstream.states import ChunkState
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.conftest import db_of, running_stack
@@ -196,6 +198,40 @@ async def test_sigterm_worker_drains_hands_back_and_exits_zero(own: Stack, clien
     )
     assert await cur.fetchone() == (0, 0)
     own.start_worker(victim_name)
+
+
+async def test_finished_chunks_keep_their_lease_until_a_lagging_scheduler_records_them(
+    own: Stack, client: Client, db: Db
+) -> None:
+    # More reports than one scheduler batch pile up while the scheduler is paused past the lease:
+    # the workers must keep vouching for chunks they finished, or they would all run again.
+    chunks = 5000
+    job = await submit(client, chunks=chunks, ms=0)
+    stream, events = await watch_until(client, job.id, lambda e: e.type == pb.JOB_STARTED)
+    scheduler = own.services["scheduler"]
+    assert scheduler.pid is not None
+    os.kill(scheduler.pid, signal.SIGSTOP)
+    try:
+
+        async def all_ran_and_leases_would_have_expired() -> bool:
+            cur = await db.execute(
+                "SELECT count(*) FILTER (WHERE state = %s AND claimed_at < now() - make_interval(secs => %s))"
+                " FROM chunks WHERE job_id = %s",
+                (ChunkState.RUNNING, 2 * LEASE_SECONDS, job.id),
+            )
+            row = await cur.fetchone()
+            return row is not None and row[0] == chunks
+
+        await wait_for(all_ran_and_leases_would_have_expired, within=90, what="every chunk run, twice the lease ago")
+    finally:
+        os.kill(scheduler.pid, signal.SIGCONT)
+    events += await read_rest(stream, job.id, within=120)
+
+    assert_contiguous(events)
+    assert events[-1].type == pb.JOB_SUCCEEDED and events[-1].progress.done_chunks == chunks
+    assert [e for e in events if e.type == pb.CHUNK_RETRYING] == []
+    cur = await db.execute("SELECT sum(claims) FROM chunks WHERE job_id = %s", (job.id,))
+    assert await cur.fetchone() == (chunks,)
 
 
 async def test_scheduler_killed_mid_job_is_resumed_by_a_new_one(own: Stack, client: Client) -> None:

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # A job seen cancelled is remembered this long, so its late-arriving tasks are dropped unclaimed.
 CANCELLED_MEMORY_SECONDS = 3600.0
+# A reported chunk's lease is kept alive for at most this many lease times.
+REPORTED_MEMORY_LEASES = 30
 
 
 class Worker:
@@ -54,6 +56,11 @@ class Worker:
         self._renew = False
         self._producer = producer
         self._running: dict[tuple[str, int], ChunkRun] = {}
+        # Chunks that finished here and were reported, until the scheduler has recorded their
+        # outcome: their lease is kept alive meanwhile, because a scheduler working through a
+        # backlog of reports longer than the lease would otherwise take this worker for lost and
+        # run them all again (a 100,000-chunk job ran twice over that way).
+        self._reported: dict[tuple[str, int], float] = {}
         self._slot_free = asyncio.Event()
         self._cancelled: dict[str, float] = {}
         self._control = make_broadcast_consumer(settings, settings.kafka_control_fetch_wait_ms)
@@ -124,6 +131,8 @@ class Worker:
 
     def _finished(self, run: ChunkRun) -> None:
         self._running.pop(run.key, None)
+        if run.asyncio_task is not None and not run.asyncio_task.cancelled():
+            self._reported[run.key] = time.monotonic()
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
@@ -161,7 +170,8 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
-            held = list(self._running)
+            self._forget_reported_older_than(REPORTED_MEMORY_LEASES * self._settings.lease_seconds)
+            held = list({**self._reported, **self._running})
             try:
                 epoch = await broker_epoch(self._pool)
                 self._renew |= self._broker_epoch is not None and epoch != self._broker_epoch
@@ -172,6 +182,9 @@ class Worker:
             except Exception as err:  # a missed beat is survivable; the lease outlasts several
                 log.warning("heartbeat for %d chunks failed: %s", len(held), err)
                 continue
+            for key in held:
+                if key not in still:
+                    self._reported.pop(key, None)  # recorded by the scheduler, or taken over
             for job_id in stopped_jobs:
                 self._cancelled.setdefault(job_id, time.monotonic())
                 self.cancel_job(job_id)
@@ -181,6 +194,12 @@ class Worker:
                     # The lease went to another attempt (this worker stalled past it): stop, report nothing.
                     log.warning("job %s chunk %d: lease lost, stopping this attempt", run.job_id, run.chunk_index)
                     run.abandon()
+
+    def _forget_reported_older_than(self, seconds: float) -> None:
+        """A bound for reports whose outcome never shows up as recorded (the heartbeat keeps failing)."""
+        oldest = time.monotonic() - seconds
+        for key in [k for k, at in self._reported.items() if at < oldest]:
+            del self._reported[key]
 
     async def _drain(self) -> None:
         """Lets running chunks finish within the drain time, then gives the rest back to run elsewhere."""
