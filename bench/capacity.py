@@ -4,7 +4,8 @@ For each: CPU time in every service (the bench's own clients excluded), Kafka me
 (keys and values, counted by a reader of every topic), and Postgres transactions, statements, rows
 written and WAL bytes. A chunk is a `demo.sleep` chunk with ms=0, so its figures are jobstream's
 own overhead; an event is a progress event of a running job delivered to one Watch stream (the
-figures include that job's one chunk, spread over its twenty events).
+figures include that job's one chunk, spread over its twenty events). While events flow, a second
+gateway with no client runs beside the first: what it spends is the cost of reading the updates.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -24,6 +25,7 @@ from bench.sizes import Sizes
 from bench.stack import STATS_FLUSH_S, BenchStack
 from bench.stats import Run
 from jobstream import topics
+from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import descendants
 from jobstream.kafka import make_broadcast_consumer
 from jobstream.v1 import jobstream_pb2 as pb
@@ -31,6 +33,7 @@ from jobstream.v1 import jobstream_pb2 as pb
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 EVENT_STEP_MS = 250
 EVENT_JOB_MS = 20 * EVENT_STEP_MS
+IDLE_GATEWAY = "idlegateway"
 
 
 async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
@@ -40,9 +43,23 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
         for _ in range(repeat):
             figures: Run = {}
             figures.update(await _measure(stack, "chunk", lambda: _chunks(stub, sizes)))
-            figures.update(await _measure(stack, "event", lambda: _events(stub, sizes)))
+            async with _idle_gateway(stack):
+                figures.update(await _measure(stack, "event", lambda: _events(stub, sizes)))
             runs.append(figures)
     return runs
+
+
+@contextlib.asynccontextmanager
+async def _idle_gateway(stack: BenchStack) -> AsyncIterator[None]:
+    """A second gateway that no client calls: every gateway reads every update, so its CPU per
+    event is what each more gateway costs per event, streams or not (`event_cpu_ms_idlegateway`)."""
+    addr = f"127.0.0.1:{free_port()}"
+    stack.start_service(IDLE_GATEWAY, "services.gateway", JOBSTREAM_GATEWAY_LISTEN=addr)
+    try:
+        await stack.wait_gateway(addr)
+        yield
+    finally:
+        await asyncio.to_thread(stack.services.pop(IDLE_GATEWAY).terminate, 30)
 
 
 async def _chunks(stub: Stub, sizes: Sizes) -> int:
