@@ -205,7 +205,7 @@ async def test_finished_chunks_keep_their_lease_until_a_lagging_scheduler_record
 ) -> None:
     # More reports than one scheduler batch pile up while the scheduler is paused past the lease:
     # the workers must keep vouching for chunks they finished, or they would all run again.
-    chunks = 5000
+    chunks = 3000
     job = await submit(client, chunks=chunks, ms=0)
     stream, events = await watch_until(client, job.id, lambda e: e.type == pb.JOB_STARTED)
     scheduler = own.services["scheduler"]

@@ -181,18 +181,23 @@ async def record_successes(conn: Conn, results: Sequence[tuple[uuid.UUID, int, s
     # The job id comes with every row of the unnest: with a constant, a job whose chunks were just
     # inserted (no statistics yet) got a scan of all its chunks per batch, which made a
     # 100,000-chunk job crawl; joined per row it is one primary-key lookup per chunk.
+    # Locked in (job, chunk) order, as claims and heartbeats lock them, so they never deadlock.
     cur = await conn.execute(
-        "UPDATE chunks c SET state = %s, result = t.result::jsonb, finished_at = now(),"
+        "WITH done AS ("
+        "  SELECT c.job_id, c.idx, t.result FROM chunks c"
+        "  JOIN unnest(%s::uuid[], %s::int[], %s::text[]) AS t(job_id, idx, result)"
+        "    ON c.job_id = t.job_id AND c.idx = t.idx"
+        "  WHERE c.state IN (%s, %s) ORDER BY c.job_id, c.idx FOR UPDATE OF c)"
+        " UPDATE chunks c SET state = %s, result = d.result::jsonb, finished_at = now(),"
         " lease_expires_at = NULL, error = NULL"
-        " FROM unnest(%s::uuid[], %s::int[], %s::text[]) AS t(job_id, idx, result)"
-        " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.state IN (%s, %s) RETURNING c.job_id, c.idx",
+        " FROM done d WHERE c.job_id = d.job_id AND c.idx = d.idx RETURNING c.job_id, c.idx",
         (
-            ChunkState.SUCCEEDED,
             [j for j, _, _ in results],
             [i for _, i, _ in results],
             [r for _, _, r in results],
             ChunkState.PENDING,
             ChunkState.RUNNING,
+            ChunkState.SUCCEEDED,
         ),
     )
     counted: dict[uuid.UUID, list[int]] = {}

@@ -69,21 +69,36 @@ async def heartbeat(
     """
     if not held:
         return set(), set()
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => %s)"
-            " FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, idx), jobs j"
-            " WHERE c.job_id = t.job_id AND c.idx = t.idx AND c.worker_id = %s AND c.state = %s AND j.id = c.job_id"
-            " RETURNING c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s)",
-            (
-                lease_s,
-                [uuid.UUID(j) for j, _ in held],
-                [i for _, i in held],
-                worker_id,
-                ChunkState.RUNNING,
-                JobState.QUEUED,
-                JobState.RUNNING,
-            ),
-        )
-        rows = await cur.fetchall()
+
+    job_ids, idxs = [uuid.UUID(j) for j, _ in held], [i for _, i in held]
+
+    async def attempt() -> list[tuple[uuid.UUID, int, bool]]:
+        async with pool.connection() as conn:
+            # Rows another transaction has locked are skipped, not waited for: the scheduler locks
+            # the chunks whose outcome it is recording, and a scheduler stalled inside that
+            # transaction must not stall every heartbeat until the leases run out. Locked in
+            # (job, chunk) order like every multi-row write to chunks.
+            cur = await conn.execute(
+                "WITH held AS ("
+                "  SELECT c.job_id, c.idx FROM chunks c"
+                "  JOIN unnest(%s::uuid[], %s::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
+                "  WHERE c.worker_id = %s AND c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c SKIP LOCKED)"
+                " UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => %s)"
+                " FROM held h, jobs j WHERE c.job_id = h.job_id AND c.idx = h.idx AND j.id = c.job_id"
+                " RETURNING c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s)",
+                (job_ids, idxs, worker_id, ChunkState.RUNNING, lease_s, JobState.QUEUED, JobState.RUNNING),
+            )
+            extended = await cur.fetchall()
+            if len(extended) == len(held):
+                return extended
+            # What was skipped is still this worker's if its last committed version says so.
+            cur = await conn.execute(
+                "SELECT c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s) FROM chunks c"
+                " JOIN unnest(%s::uuid[], %s::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
+                " JOIN jobs j ON j.id = c.job_id WHERE c.worker_id = %s AND c.state = %s",
+                (JobState.QUEUED, JobState.RUNNING, job_ids, idxs, worker_id, ChunkState.RUNNING),
+            )
+            return await cur.fetchall()
+
+    rows = await retry_conflicts(attempt, "extending leases")
     return {(str(j), i) for j, i, _ in rows}, {str(j) for j, _, stop in rows if stop}

@@ -61,6 +61,7 @@ class Worker:
         # backlog of reports longer than the lease would otherwise take this worker for lost and
         # run them all again (a 100,000-chunk job ran twice over that way).
         self._reported: dict[tuple[str, int], float] = {}
+        self._next_reported_beat = 0.0
         self._slot_free = asyncio.Event()
         self._cancelled: dict[str, float] = {}
         self._control = make_broadcast_consumer(settings, settings.kafka_control_fetch_wait_ms)
@@ -171,7 +172,13 @@ class Worker:
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             self._forget_reported_older_than(REPORTED_MEMORY_LEASES * self._settings.lease_seconds)
-            held = list({**self._reported, **self._running})
+            # Finished chunks need their lease kept alive, not kept fresh: every third of a lease
+            # is enough, and spares Postgres rewriting thousands of rows each beat.
+            now = time.monotonic()
+            reported_due = now >= self._next_reported_beat
+            if reported_due:
+                self._next_reported_beat = now + self._settings.lease_seconds / 3
+            held = list({**(self._reported if reported_due else {}), **self._running})
             try:
                 epoch = await broker_epoch(self._pool)
                 self._renew |= self._broker_epoch is not None and epoch != self._broker_epoch
