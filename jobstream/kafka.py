@@ -99,13 +99,14 @@ def co_partitioned(
     whose submits another one owns, and both would be fenced off them).
     """
     subscribed = {topic for member in members.values() for topic in member.subscription}
-    numbers = sorted({p for topic in subscribed for p in cluster.partitions_for_topic(topic) or ()})
+    partitions = {topic: set(cluster.partitions_for_topic(topic) or ()) for topic in subscribed}
+    numbers = sorted(set().union(*partitions.values()))
     ordered = sorted(members)
     dealt: dict[str, dict[str, list[int]]] = {member: {} for member in ordered}
     for i, number in enumerate(numbers):
         member = ordered[i % len(ordered)]
         for topic in sorted(members[member].subscription):
-            if number in (cluster.partitions_for_topic(topic) or ()):
+            if number in partitions[topic]:
                 dealt[member].setdefault(topic, []).append(number)
     return {
         member: ConsumerProtocolMemberAssignment(version, sorted(topics.items()), b"")

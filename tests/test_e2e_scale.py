@@ -86,12 +86,12 @@ def _watch_through_the_other_gateway(gateways: Gateways, ids: list[str]) -> list
     ]
 
 
-async def _running_chunks(db: Db, ids: list[str]) -> int:
+async def _has_running(db: Db, ids: list[str]) -> bool:
     cur = await db.execute(
-        "SELECT count(*) FROM chunks WHERE job_id = ANY(%s::uuid[]) AND state = %s", (ids, ChunkState.RUNNING)
+        "SELECT EXISTS (SELECT 1 FROM chunks WHERE job_id = ANY(%s::uuid[]) AND state = %s)", (ids, ChunkState.RUNNING)
     )
     row = await cur.fetchone()
-    return int(row[0]) if row else 0
+    return bool(row and row[0])
 
 
 async def _assert_each_job_counted_once(db: Db, ids: list[str], streams: list[list[pb.JobEvent]]) -> None:
@@ -129,10 +129,6 @@ async def test_jobs_go_on_through_a_scheduler_killed_and_another_started(
 
     results = await asyncio.gather(*streams)
     await _assert_each_job_counted_once(db, ids, results)
-
-
-async def _has_running(db: Db, ids: list[str]) -> bool:
-    return await _running_chunks(db, ids) > 0
 
 
 async def _owners(db: Db) -> set[str]:

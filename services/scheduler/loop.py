@@ -119,7 +119,7 @@ class Scheduler:
         phase.done("reconcile")
         offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
         if work:
-            await self._process(work, offsets, phase, self._sources(records))
+            await self._process(work, offsets, phase, records)
         elif offsets:
             await self.publisher.put([], offsets)
             phase.done("handoff")
@@ -213,13 +213,13 @@ class Scheduler:
         work: dict[uuid.UUID, JobWork],
         offsets: dict[TopicPartition, int] | None = None,
         phase: _Phases | None = None,
-        sources: dict[uuid.UUID, set[TopicPartition]] | None = None,
+        records: list[ConsumerRecord] | None = None,
     ) -> None:
         out = await retry_conflicts(lambda: self._record(work), "scheduler batch")
         if phase:
             phase.done("record")
         if out.fenced:
-            self._refused(out.fenced, offsets, sources or {})
+            self._refused(out.fenced, offsets, records or [])
         for entry in out.retry_at:
             heapq.heappush(self._retries, entry)
         for kind, state, seconds in out.finished:
@@ -248,28 +248,20 @@ class Scheduler:
         return out
 
     def _refused(
-        self,
-        fenced: set[uuid.UUID],
-        offsets: dict[TopicPartition, int] | None,
-        sources: dict[uuid.UUID, set[TopicPartition]],
+        self, fenced: set[uuid.UUID], offsets: dict[TopicPartition, int] | None, records: list[ConsumerRecord]
     ) -> None:
         """Jobs the batch could not lock at this scheduler's epoch: their partition moved to another
         scheduler (or the job does not exist). Their partitions' offsets are not committed, so
-        whoever owns them now, or this scheduler once it owns them again, reads their messages."""
+        whoever owns them now, or this scheduler once it owns them again, reads their messages.
+        Messages are keyed by job id, so the batch's records say which partitions those are."""
         metrics.FENCED_JOBS.inc(len(fenced))
         log.warning("batch left %d jobs alone: not owned by this scheduler at its epoch", len(fenced))
-        for job_id in fenced:
-            for tp in sources.get(job_id, ()):
-                if offsets is not None:
-                    offsets.pop(tp, None)
-
-    def _sources(self, records: list[ConsumerRecord]) -> dict[uuid.UUID, set[TopicPartition]]:
-        """Where each job's messages of the batch came from (by key: the job id)."""
-        found: dict[uuid.UUID, set[TopicPartition]] = defaultdict(set)
+        if offsets is None:
+            return
+        keys = {str(job_id).encode() for job_id in fenced}
         for record in records:
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                found[uuid.UUID(record.key.decode())].add(TopicPartition(record.topic, record.partition))
-        return found
+            if record.key in keys:
+                offsets.pop(TopicPartition(record.topic, record.partition), None)
 
     def owned_partitions(self) -> list[int]:
         """The job partitions this scheduler owns now: its jobs are the ones on them."""
