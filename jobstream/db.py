@@ -24,7 +24,9 @@ _MIGRATION_LOCK = 0x6A6F6273
 
 # Errors that mean Postgres cannot be reached right now, rather than a fault in what was asked of it:
 # a loop that meets one waits and replays its input instead of dying.
-DATABASE_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+# A session the server ended for sitting idle inside a transaction (its process was paused) is as
+# lost as one whose server went away: the transaction rolled back, and the work is done again.
+DATABASE_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout, psycopg.errors.IdleInTransactionSessionTimeout)
 # How long such a loop waits before it tries again.
 DATABASE_RETRY_SECONDS = 1.0
 # Postgres aborted the transaction to break a deadlock or a serialization conflict: running the
