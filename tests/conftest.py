@@ -12,6 +12,7 @@ import pytest
 
 from jobstream.db import apply_schema
 from jobstream.embedded.postgres import EmbeddedPostgres
+from jobstream.states import JobState
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.stack import Stack
 
@@ -111,7 +112,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for stack in LIVE_STACKS:
             report.sections.append((f"logs of the stack in {stack.root}", stack.log_tails()))
+            report.sections.append((f"unfinished jobs of the stack in {stack.root}", _unfinished_jobs(stack)))
     return report
+
+
+def _unfinished_jobs(stack: Stack) -> str:
+    """Where each unfinished job stands in Postgres: a job that never ended shows how far it got
+    (its chunks by state, its last event) where the services' logs say nothing."""
+    try:
+        with psycopg.connect(stack.database_url, autocommit=True, connect_timeout=5) as conn:
+            jobs = conn.execute(
+                "SELECT j.id, j.state, j.total_chunks, j.done_chunks, j.last_seq, j.created_at,"
+                " (SELECT string_agg(s.state || ' x' || s.n, ', ' ORDER BY s.state)"
+                "    FROM (SELECT state, count(*) AS n FROM chunks c WHERE c.job_id = j.id GROUP BY state) s)"
+                " FROM jobs j WHERE j.state IN (%s, %s) ORDER BY j.created_at DESC LIMIT 20",
+                (JobState.QUEUED, JobState.RUNNING),
+            ).fetchall()
+            outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    except psycopg.Error as err:
+        return f"Postgres did not answer: {err}"
+    lines = [f"outbox rows waiting: {outbox[0] if outbox else '?'}"]
+    lines += [
+        f"job {job_id} state {state} chunks {done}/{total} (by state: {by_state or 'none'}) last_seq {seq}"
+        f" created {created:%H:%M:%S.%f}"
+        for job_id, state, total, done, seq, created, by_state in jobs
+    ]
+    return "\n".join(lines)
 
 
 @pytest.fixture

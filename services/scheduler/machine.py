@@ -106,7 +106,8 @@ class JobMachine:
         if work.reports:
             dirty |= await self._reports(conn, job, work.reports, out)
         for idx, attempt, worker in work.expired:
-            await self._requeue(conn, job, idx, attempt, out, f"worker {worker or '?'} was lost (lease expired)")
+            reason = f"worker {worker or '?'} was lost (lease expired)"
+            await self._requeue(conn, job, idx, attempt, out, reason, lease_expired=True)
         if work.retries and job.state == JobState.RUNNING:
             await self._dispatch(conn, job, out, only=work.retries)
         if work.deadline and not JobState(job.state).terminal:
@@ -216,12 +217,22 @@ class JobMachine:
             for idx, attempt, wait_s in later:
                 schedule_later.retry_at.append((now + wait_s, job.id, idx, attempt))
 
-    async def _requeue(self, conn: Conn, job: JobRow, idx: int, attempt: int, out: Outbound, reason: str) -> None:
+    async def _requeue(
+        self,
+        conn: Conn,
+        job: JobRow,
+        idx: int,
+        attempt: int,
+        out: Outbound,
+        reason: str,
+        *,
+        lease_expired: bool = False,
+    ) -> None:
         """Runs a chunk again whose worker is gone or gave it back; not a failure of the chunk."""
         if JobState(job.state).terminal:
             await store.mark_cancelled(conn, job.id, [idx])
             return
-        next_attempt = await store.requeue(conn, job.id, idx, attempt)
+        next_attempt = await store.requeue(conn, job.id, idx, attempt, lease_expired=lease_expired)
         if next_attempt is None:
             return  # it finished, or was already run again
         self._tracker(job).chunk_finished(idx)

@@ -229,12 +229,17 @@ async def retry_chunk(conn: Conn, job_id: uuid.UUID, idx: int, error: str, delay
     return int(row[0])
 
 
-async def requeue(conn: Conn, job_id: uuid.UUID, idx: int, attempt: int) -> int | None:
-    """Makes a running attempt pending again as the next attempt; None if it is not running it."""
+async def requeue(conn: Conn, job_id: uuid.UUID, idx: int, attempt: int, *, lease_expired: bool = False) -> int | None:
+    """Makes a running attempt pending again as the next attempt; None if it is not running it.
+
+    With lease_expired, only while its lease is still expired: the sweep that found it read
+    outside this transaction, and a heartbeat may have renewed the lease since.
+    """
     cur = await conn.execute(
         "UPDATE chunks SET state = %s, attempt = attempt + 1, worker_id = NULL, lease_expires_at = NULL,"
-        " not_before = NULL WHERE job_id = %s AND idx = %s AND attempt = %s AND state = %s RETURNING attempt",
-        (ChunkState.PENDING, job_id, idx, attempt, ChunkState.RUNNING),
+        " not_before = NULL WHERE job_id = %s AND idx = %s AND attempt = %s AND state = %s"
+        " AND (NOT %s OR lease_expires_at < now()) RETURNING attempt",
+        (ChunkState.PENDING, job_id, idx, attempt, ChunkState.RUNNING, lease_expired),
     )
     row = await cur.fetchone()
     return None if row is None else int(row[0])

@@ -9,7 +9,8 @@ is refused: the chunk does not run twice at once.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -58,21 +59,32 @@ async def claim(
     return await retry_conflicts(attempt, "claiming chunks")
 
 
-async def heartbeat(
-    pool: AsyncConnectionPool, held: Sequence[ChunkKey], worker_id: str, lease_s: float
-) -> tuple[set[ChunkKey], set[str]]:
-    """Extends the leases this worker still holds.
+@dataclass
+class Beat:
+    """What one heartbeat found: the leases it extended, the chunks this worker still holds (those
+    plus rows another transaction had locked, whose lease is unchanged), and the jobs among them
+    whose cancel was recorded."""
 
-    Returns the chunks whose lease it still holds, and the jobs among them whose cancel was
-    recorded: a worker that missed a cancel message, or whose lease was taken over after a long
-    pause, learns it here and stops those chunks.
+    extended: set[ChunkKey] = field(default_factory=set)
+    held: set[ChunkKey] = field(default_factory=set)
+    stopped_jobs: set[str] = field(default_factory=set)
+
+
+async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float], worker_id: str) -> Beat:
+    """Extends the leases this worker still holds, each by its own number of seconds.
+
+    A worker that missed a cancel message, or whose lease was taken over after a long pause,
+    learns it here (stopped_jobs, and a chunk missing from held) and stops those chunks.
     """
-    if not held:
-        return set(), set()
+    if not leases:
+        return Beat()
 
-    job_ids, idxs = [uuid.UUID(j) for j, _ in held], [i for _, i in held]
+    keys = sorted(leases, key=lambda k: (uuid.UUID(k[0]), k[1]))
+    job_ids, idxs = [uuid.UUID(j) for j, _ in keys], [i for _, i in keys]
+    seconds = [leases[k] for k in keys]
+    Row = tuple[uuid.UUID, int, bool]
 
-    async def attempt() -> list[tuple[uuid.UUID, int, bool]]:
+    async def attempt() -> tuple[list[Row], list[Row]]:
         async with pool.connection() as conn:
             # Rows another transaction has locked are skipped, not waited for: the scheduler locks
             # the chunks whose outcome it is recording, and a scheduler stalled inside that
@@ -80,17 +92,18 @@ async def heartbeat(
             # (job, chunk) order like every multi-row write to chunks.
             cur = await conn.execute(
                 "WITH held AS ("
-                "  SELECT c.job_id, c.idx FROM chunks c"
-                "  JOIN unnest(%s::uuid[], %s::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
+                "  SELECT c.job_id, c.idx, t.secs FROM chunks c"
+                "  JOIN unnest(%s::uuid[], %s::int[], %s::float8[]) AS t(job_id, idx, secs)"
+                "    ON c.job_id = t.job_id AND c.idx = t.idx"
                 "  WHERE c.worker_id = %s AND c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c SKIP LOCKED)"
-                " UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => %s)"
+                " UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => h.secs)"
                 " FROM held h, jobs j WHERE c.job_id = h.job_id AND c.idx = h.idx AND j.id = c.job_id"
                 " RETURNING c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s)",
-                (job_ids, idxs, worker_id, ChunkState.RUNNING, lease_s, JobState.QUEUED, JobState.RUNNING),
+                (job_ids, idxs, seconds, worker_id, ChunkState.RUNNING, JobState.QUEUED, JobState.RUNNING),
             )
             extended = await cur.fetchall()
-            if len(extended) == len(held):
-                return extended
+            if len(extended) == len(keys):
+                return extended, extended
             # What was skipped is still this worker's if its last committed version says so.
             cur = await conn.execute(
                 "SELECT c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s) FROM chunks c"
@@ -98,7 +111,11 @@ async def heartbeat(
                 " JOIN jobs j ON j.id = c.job_id WHERE c.worker_id = %s AND c.state = %s",
                 (JobState.QUEUED, JobState.RUNNING, job_ids, idxs, worker_id, ChunkState.RUNNING),
             )
-            return await cur.fetchall()
+            return extended, await cur.fetchall()
 
-    rows = await retry_conflicts(attempt, "extending leases")
-    return {(str(j), i) for j, i, _ in rows}, {str(j) for j, _, stop in rows if stop}
+    extended, held = await retry_conflicts(attempt, "extending leases")
+    return Beat(
+        extended={(str(j), i) for j, i, _ in extended},
+        held={(str(j), i) for j, i, _ in held},
+        stopped_jobs={str(j) for j, _, stop in held if stop},
+    )

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 CANCELLED_MEMORY_SECONDS = 3600.0
 # A reported chunk's lease is kept alive for at most this many lease times.
 REPORTED_MEMORY_LEASES = 30
+# A finished chunk only waits for the scheduler to record it: its lease is extended this many
+# lease times at once, and renewed once less than half of that is left. Rewriting every waiting
+# row every beat made the beat itself outlast the lease once thousands waited behind a paused
+# scheduler, whose open transaction kept Postgres from pruning the old row versions.
+REPORTED_LEASE_FACTOR = 4
 
 
 class Worker:
@@ -61,7 +66,8 @@ class Worker:
         # backlog of reports longer than the lease would otherwise take this worker for lost and
         # run them all again (a 100,000-chunk job ran twice over that way).
         self._reported: dict[tuple[str, int], float] = {}
-        self._next_reported_beat = 0.0
+        # The monotonic time until which the stored lease of each chunk held here lasts, at least.
+        self._lease_until: dict[tuple[str, int], float] = {}
         self._slot_free = asyncio.Event()
         self._cancelled: dict[str, float] = {}
         self._control = make_broadcast_consumer(settings, settings.kafka_control_fetch_wait_ms)
@@ -110,6 +116,7 @@ class Worker:
             if not tasks:
                 continue
             wanted = [t for t in tasks if t.job_id not in self._cancelled]
+            claimed_from = time.monotonic()
             try:
                 held = await claims.claim(self._pool, wanted, self._settings.worker_id, self._settings.lease_seconds)
             except DATABASE_UNAVAILABLE as err:
@@ -122,11 +129,12 @@ class Worker:
                 await self._member.consumer.commit()
             for task in wanted:
                 if (task.job_id, task.chunk_index) in held:
-                    self._start(task)
+                    self._start(task, claimed_from + self._settings.lease_seconds)
 
-    def _start(self, task: bus_pb2.ChunkTask) -> None:
+    def _start(self, task: bus_pb2.ChunkTask, lease_until: float) -> None:
         run = ChunkRun(task, self._settings.worker_id, self._send_report)
         self._running[run.key] = run
+        self._lease_until[run.key] = lease_until
         run.asyncio_task = asyncio.create_task(run.run())
         run.asyncio_task.add_done_callback(lambda _: self._finished(run))
 
@@ -134,6 +142,8 @@ class Worker:
         self._running.pop(run.key, None)
         if run.asyncio_task is not None and not run.asyncio_task.cancelled():
             self._reported[run.key] = time.monotonic()
+        else:
+            self._lease_until.pop(run.key, None)
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
@@ -169,35 +179,40 @@ class Worker:
                 run.cancel()
 
     async def _heartbeat(self) -> None:
+        lease = self._settings.lease_seconds
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
-            self._forget_reported_older_than(REPORTED_MEMORY_LEASES * self._settings.lease_seconds)
-            # Finished chunks need their lease kept alive, not kept fresh: every third of a lease
-            # is enough, and spares Postgres rewriting thousands of rows each beat.
-            now = time.monotonic()
-            reported_due = now >= self._next_reported_beat
-            if reported_due:
-                self._next_reported_beat = now + self._settings.lease_seconds / 3
-            held = list({**(self._reported if reported_due else {}), **self._running})
+            self._forget_reported_older_than(REPORTED_MEMORY_LEASES * lease)
+            started = time.monotonic()
+            # Running chunks are kept fresh every beat; finished ones only kept alive (see
+            # REPORTED_LEASE_FACTOR), so most beats write none of them.
+            reported_lease = REPORTED_LEASE_FACTOR * lease
+            leases = {
+                key: reported_lease
+                for key in self._reported
+                if self._lease_until.get(key, 0.0) - started < reported_lease / 2
+            }
+            leases.update(dict.fromkeys(self._running, lease))
             try:
                 epoch = await broker_epoch(self._pool)
                 self._renew |= self._broker_epoch is not None and epoch != self._broker_epoch
                 self._broker_epoch = epoch
-                still, stopped_jobs = await claims.heartbeat(
-                    self._pool, held, self._settings.worker_id, self._settings.lease_seconds
-                )
+                beat = await claims.heartbeat(self._pool, leases, self._settings.worker_id)
             except Exception as err:  # a missed beat is survivable; the lease outlasts several
-                log.warning("heartbeat for %d chunks failed: %s", len(held), err)
+                log.warning("heartbeat for %d chunks failed: %s", len(leases), err)
                 continue
-            for key in held:
-                if key not in still:
+            for key, seconds in leases.items():
+                if key in beat.extended and key in self._lease_until:
+                    self._lease_until[key] = started + seconds
+                elif key not in beat.held:
                     self._reported.pop(key, None)  # recorded by the scheduler, or taken over
-            for job_id in stopped_jobs:
+                    self._lease_until.pop(key, None)
+            for job_id in beat.stopped_jobs:
                 self._cancelled.setdefault(job_id, time.monotonic())
                 self.cancel_job(job_id)
-            for key in held:
+            for key in leases:
                 run = self._running.get(key)
-                if key not in still and run is not None:
+                if key not in beat.held and run is not None:
                     # The lease went to another attempt (this worker stalled past it): stop, report nothing.
                     log.warning("job %s chunk %d: lease lost, stopping this attempt", run.job_id, run.chunk_index)
                     run.abandon()
@@ -207,6 +222,7 @@ class Worker:
         oldest = time.monotonic() - seconds
         for key in [k for k, at in self._reported.items() if at < oldest]:
             del self._reported[key]
+            self._lease_until.pop(key, None)
 
     async def _drain(self) -> None:
         """Lets running chunks finish within the drain time, then gives the rest back to run elsewhere."""
