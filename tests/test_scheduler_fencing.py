@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.states import JobState
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.e2e
 
 Conn = psycopg.AsyncConnection[Any]
 PARTITION = 3
+SCHEDULER = "jobstream-scheduler"  # the application name of a scheduler's sessions
 
 
 async def _connect(pg: EmbeddedPostgres) -> Conn:
@@ -84,3 +86,47 @@ async def test_a_takeover_waits_for_the_batch_the_old_owner_has_under_way(postgr
         cur = await a.execute("SELECT last_seq FROM jobs WHERE id = %s", (job_id,))
         assert await cur.fetchone() == (7,)  # the batch that began under the old epoch landed
         assert await _locked(a, job_id, old) == []
+
+
+def _scheduler_pool(postgres: EmbeddedPostgres) -> AsyncConnectionPool:
+    return AsyncConnectionPool(
+        postgres.url, min_size=2, max_size=2, kwargs={"autocommit": True, "application_name": SCHEDULER}
+    )
+
+
+async def test_a_takeover_ends_an_old_owner_that_holds_its_batch_too_long(postgres: EmbeddedPostgres) -> None:
+    async with (
+        await psycopg.AsyncConnection.connect(postgres.url, autocommit=True, application_name=SCHEDULER) as stuck,
+        _scheduler_pool(postgres) as pool,
+    ):
+        job_id = await _job(stuck)
+        old = await store.take_partitions(stuck, [PARTITION], "scheduler-a")
+        # The old owner locked its jobs and then stopped, in the middle of its batch, for good.
+        await stuck.execute("BEGIN")
+        assert [j.id for j in await store.lock_jobs(stuck, [job_id], old)] == [job_id]
+
+        new, ended = await asyncio.wait_for(store.take_over(pool, [PARTITION], "scheduler-b", wait_s=0.5), 10)
+
+        assert new == {PARTITION: old[PARTITION] + 1} and ended == 1
+        with pytest.raises(psycopg.OperationalError):
+            await stuck.execute("UPDATE jobs SET last_seq = 7 WHERE id = %s", (job_id,))
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT last_seq FROM jobs WHERE id = %s", (job_id,))
+            assert await cur.fetchone() == (0,)  # its batch was rolled back, not applied
+
+
+async def test_a_takeover_ends_no_session_of_another_application(postgres: EmbeddedPostgres) -> None:
+    async with (
+        await psycopg.AsyncConnection.connect(postgres.url, application_name="someone-else") as other,
+        _scheduler_pool(postgres) as pool,
+    ):
+        await store.take_partitions(other, [PARTITION], "scheduler-a")
+        await other.execute("SELECT 1 FROM partition_owners WHERE partition = %s FOR SHARE", (PARTITION,))
+
+        taking = asyncio.ensure_future(store.take_over(pool, [PARTITION], "scheduler-b", wait_s=0.2))
+        # Several times the wait, and the session that is not a scheduler's is still there.
+        done, _ = await asyncio.wait({taking}, timeout=1.5)
+        assert not done, "the takeover must keep waiting for a session that is not a scheduler's"
+        await other.rollback()
+        _, ended = await asyncio.wait_for(taking, 10)
+        assert ended == 0

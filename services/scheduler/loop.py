@@ -190,8 +190,9 @@ class Scheduler:
                 log.warning("checking the broker failed: %s", err)
         if self._ownership.newly_assigned:
             partitions = sorted(self._ownership.newly_assigned)
-            async with self._pool.connection() as conn:
-                epochs = await store.take_partitions(conn, partitions, self.owner)
+            epochs, ended = await store.take_over(self._pool, partitions, self.owner)
+            if ended:
+                log.warning("ended %d sessions of a previous owner that held partitions %s too long", ended, partitions)
             self._ownership.newly_assigned.clear()
             self._ownership.epochs.update(epochs)
             log.info("took job partitions %s at epochs %s", partitions, [epochs[p] for p in partitions])

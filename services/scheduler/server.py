@@ -10,17 +10,16 @@ from jobstream.config import Settings
 from jobstream.db import open_pool
 from jobstream.kafka import GroupMember, make_producer
 from jobstream.observability import OpsServer, combine, kafka_ready, postgres_ready, track_lag, watch_pool
+from services.scheduler import store
 from services.scheduler.loop import Ownership, Scheduler
 
 log = logging.getLogger("scheduler")
 
-IDLE_BATCH_TIMEOUT_S = 10.0
-
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     # A scheduler paused inside a batch holds its partitions' owner rows; the one taking them over
-    # waits for that batch, but not for longer than this.
-    pool = await open_pool(settings, name="scheduler", min_size=2, idle_transaction_timeout_s=IDLE_BATCH_TIMEOUT_S)
+    # waits for that batch, but not for longer than this (see store.take_over).
+    pool = await open_pool(settings, name="scheduler", min_size=2, idle_transaction_timeout_s=store.TAKEOVER_WAIT_S)
     producer = make_producer(settings)
     await producer.start()
     ownership = Ownership(settings.topic(topics.SUBMITTED))

@@ -4,6 +4,8 @@ event seq unique."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,10 @@ class JobRow:
     changed: bool = False
 
 
+# How long a scheduler taking partitions over waits for a batch the old owner has under way.
+TAKEOVER_WAIT_S = 10.0
+
+
 async def take_partitions(conn: Conn, partitions: Sequence[int], owner: str) -> dict[int, int]:
     """Raises the epoch of each partition, so a previous owner's writes to its jobs are refused
     from now on; returns partition -> the epoch this scheduler now writes with.
@@ -57,6 +63,42 @@ async def take_partitions(conn: Conn, partitions: Sequence[int], owner: str) -> 
         (owner, sorted(partitions)),
     )
     return {partition: epoch for partition, epoch in await cur.fetchall()}
+
+
+async def take_over(
+    pool: AsyncConnectionPool, partitions: Sequence[int], owner: str, wait_s: float = TAKEOVER_WAIT_S
+) -> tuple[dict[int, int], int]:
+    """take_partitions, ending the sessions of schedulers that keep it waiting longer than wait_s;
+    returns the epochs and how many sessions were ended.
+
+    A batch the old owner has under way is waited for, but not forever. The server ends a session
+    idle inside a transaction after wait_s by itself; a scheduler paused in the middle of a
+    statement (SIGSTOP, a frozen VM, in the middle of sending a COPY) looks active instead, and
+    would hold the partitions' owner rows until it woke. Ending its session rolls that batch back;
+    the new owner replays what it covered from Kafka.
+    """
+    async with pool.connection() as conn:
+        taking = asyncio.ensure_future(take_partitions(conn, partitions, owner))
+        ended = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({taking}, timeout=wait_s)
+                if done:
+                    return taking.result(), ended
+                async with pool.connection() as watcher:
+                    cur = await watcher.execute(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE pid = ANY(pg_blocking_pids(%s))"
+                        " AND application_name = current_setting('application_name')",
+                        (conn.info.backend_pid,),
+                    )
+                    row = await cur.fetchone()
+                ended += int(row[0]) if row else 0
+        finally:
+            if not taking.done():
+                taking.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await taking
 
 
 async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID], epochs: Mapping[int, int]) -> list[JobRow]:
