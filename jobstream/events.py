@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import time
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -44,9 +45,9 @@ def timestamp(when: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
+    # Five times cheaper than Timestamp.GetCurrentTime(), and every report and event takes one.
+    ns = time.time_ns()
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def dumps(value: Any) -> str:

@@ -86,3 +86,29 @@ async def test_the_relay_outlives_a_postgres_outage(
         await consumer.stop()
         await producer.stop()
         await pool.close()
+
+
+async def test_a_commit_during_a_relay_round_is_relayed_without_waiting_for_the_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The idle poll is an hour: only a wake that is not lost lets the second round run in time.
+    monkeypatch.setattr("services.gateway.outbox.IDLE_POLL_SECONDS", 3600.0)
+    stop = asyncio.Event()
+
+    class Relay(OutboxRelay):
+        rounds = 0
+
+        async def relay_once(self) -> int:
+            self.rounds += 1
+            if self.rounds == 1:
+                self.wake()  # a Submit commits while this round is under way
+            else:
+                stop.set()  # as the gateway stops it
+                self.wake()
+            return 0
+
+    relay = Relay(Settings(), pool=None, producer=None)  # type: ignore[arg-type]  # relay_once needs neither
+
+    await asyncio.wait_for(relay.run(stop), 10)
+
+    assert relay.rounds == 2

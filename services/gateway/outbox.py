@@ -40,6 +40,9 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         while not stop.is_set():
+            # Cleared before the round, not after: a commit that wakes us while a round is under
+            # way is then seen, instead of waiting out the idle poll (it held Submits up to 1 s).
+            self._wake.clear()
             try:
                 sent = await self.relay_once()
                 backoff = 0.1
@@ -51,7 +54,6 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
             if sent == BATCH:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
 
