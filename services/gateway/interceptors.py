@@ -157,7 +157,9 @@ class ErrorMappingInterceptor(WrappingInterceptor):
 
 
 def _code(err: BaseException | None, context: Context) -> str:
-    if isinstance(err, asyncio.CancelledError):
+    # A stream whose client went away is either interrupted inside the handler (CancelledError)
+    # or, when that happens while it waits at a yield, closed by gRPC (GeneratorExit).
+    if isinstance(err, (asyncio.CancelledError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED.name
     code = context.code()
     if isinstance(code, grpc.StatusCode):
