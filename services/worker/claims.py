@@ -82,14 +82,17 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
     keys = sorted(leases, key=lambda k: (uuid.UUID(k[0]), k[1]))
     job_ids, idxs = [uuid.UUID(j) for j, _ in keys], [i for _, i in keys]
     seconds = [leases[k] for k in keys]
-    Row = tuple[uuid.UUID, int, bool]
+    Key = tuple[uuid.UUID, int]
 
-    async def attempt() -> tuple[list[Row], list[Row]]:
+    async def attempt() -> tuple[list[Key], list[Key], set[uuid.UUID]]:
         async with pool.connection() as conn:
             # Rows another transaction has locked are skipped, not waited for: the scheduler locks
             # the chunks whose outcome it is recording, and a scheduler stalled inside that
             # transaction must not stall every heartbeat until the leases run out. Locked in
-            # (job, chunk) order like every multi-row write to chunks.
+            # (job, chunk) order like every multi-row write to chunks. The update joins nothing
+            # but its chunks: joined to jobs as well, the planner found each chunk by its job
+            # alone and filtered the job's chunks for it, and a 100,000-chunk job's heartbeat
+            # ran for minutes.
             cur = await conn.execute(
                 "WITH held AS ("
                 "  SELECT c.job_id, c.idx, t.secs FROM chunks c"
@@ -97,25 +100,30 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
                 "    ON c.job_id = t.job_id AND c.idx = t.idx"
                 "  WHERE c.worker_id = %s AND c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c SKIP LOCKED)"
                 " UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => h.secs)"
-                " FROM held h, jobs j WHERE c.job_id = h.job_id AND c.idx = h.idx AND j.id = c.job_id"
-                " RETURNING c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s)",
-                (job_ids, idxs, seconds, worker_id, ChunkState.RUNNING, JobState.QUEUED, JobState.RUNNING),
+                " FROM held h WHERE c.job_id = h.job_id AND c.idx = h.idx"
+                " RETURNING c.job_id, c.idx",
+                (job_ids, idxs, seconds, worker_id, ChunkState.RUNNING),
             )
-            extended = await cur.fetchall()
-            if len(extended) == len(keys):
-                return extended, extended
-            # What was skipped is still this worker's if its last committed version says so.
+            extended: list[Key] = await cur.fetchall()
+            held = extended
+            if len(extended) < len(keys):
+                # What was skipped is still this worker's if its last committed version says so.
+                cur = await conn.execute(
+                    "SELECT c.job_id, c.idx FROM chunks c"
+                    " JOIN unnest(%s::uuid[], %s::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
+                    " WHERE c.worker_id = %s AND c.state = %s",
+                    (job_ids, idxs, worker_id, ChunkState.RUNNING),
+                )
+                held = await cur.fetchall()
             cur = await conn.execute(
-                "SELECT c.job_id, c.idx, j.cancel_requested_at IS NOT NULL OR j.state NOT IN (%s, %s) FROM chunks c"
-                " JOIN unnest(%s::uuid[], %s::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
-                " JOIN jobs j ON j.id = c.job_id WHERE c.worker_id = %s AND c.state = %s",
-                (JobState.QUEUED, JobState.RUNNING, job_ids, idxs, worker_id, ChunkState.RUNNING),
+                "SELECT id FROM jobs WHERE id = ANY(%s) AND (cancel_requested_at IS NOT NULL OR state NOT IN (%s, %s))",
+                (list({job_id for job_id, _ in held}), JobState.QUEUED, JobState.RUNNING),
             )
-            return extended, await cur.fetchall()
+            return extended, held, {row[0] for row in await cur.fetchall()}
 
-    extended, held = await retry_conflicts(attempt, "extending leases")
+    extended, held, stopped = await retry_conflicts(attempt, "extending leases")
     return Beat(
-        extended={(str(j), i) for j, i, _ in extended},
-        held={(str(j), i) for j, i, _ in held},
-        stopped_jobs={str(j) for j, _, stop in held if stop},
+        extended={(str(j), i) for j, i in extended},
+        held={(str(j), i) for j, i in held},
+        stopped_jobs={str(j) for j in stopped},
     )
