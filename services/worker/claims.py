@@ -115,6 +115,8 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
                     (job_ids, idxs, worker_id, ChunkState.RUNNING),
                 )
                 held = await cur.fetchall()
+            if not held:
+                return extended, held, set()
             cur = await conn.execute(
                 "SELECT id FROM jobs WHERE id = ANY(%s) AND (cancel_requested_at IS NOT NULL OR state NOT IN (%s, %s))",
                 (list({job_id for job_id, _ in held}), JobState.QUEUED, JobState.RUNNING),

@@ -73,6 +73,8 @@ class ChunkRun:
         self._cancelled = False
         self._last_progress = time.monotonic()
         self.asyncio_task: asyncio.Task[None] | None = None
+        # The monotonic time until which the stored lease lasts, at least (the worker keeps it).
+        self.lease_until = 0.0
 
     @property
     def key(self) -> tuple[str, int]:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -46,6 +47,14 @@ REPORTED_MEMORY_LEASES = 30
 REPORTED_LEASE_FACTOR = 4
 
 
+@dataclass
+class _Reported:
+    """A chunk that finished here, until the scheduler has recorded its outcome."""
+
+    at: float  # monotonic time it finished
+    lease_until: float  # the stored lease lasts at least until then (monotonic)
+
+
 class Worker:
     def __init__(
         self,
@@ -65,9 +74,7 @@ class Worker:
         # outcome: their lease is kept alive meanwhile, because a scheduler working through a
         # backlog of reports longer than the lease would otherwise take this worker for lost and
         # run them all again (a 100,000-chunk job ran twice over that way).
-        self._reported: dict[tuple[str, int], float] = {}
-        # The monotonic time until which the stored lease of each chunk held here lasts, at least.
-        self._lease_until: dict[tuple[str, int], float] = {}
+        self._reported: dict[tuple[str, int], _Reported] = {}
         self._slot_free = asyncio.Event()
         self._cancelled: dict[str, float] = {}
         self._control = make_broadcast_consumer(settings, settings.kafka_control_fetch_wait_ms)
@@ -133,17 +140,15 @@ class Worker:
 
     def _start(self, task: bus_pb2.ChunkTask, lease_until: float) -> None:
         run = ChunkRun(task, self._settings.worker_id, self._send_report)
+        run.lease_until = lease_until
         self._running[run.key] = run
-        self._lease_until[run.key] = lease_until
         run.asyncio_task = asyncio.create_task(run.run())
         run.asyncio_task.add_done_callback(lambda _: self._finished(run))
 
     def _finished(self, run: ChunkRun) -> None:
         self._running.pop(run.key, None)
         if run.asyncio_task is not None and not run.asyncio_task.cancelled():
-            self._reported[run.key] = time.monotonic()
-        else:
-            self._lease_until.pop(run.key, None)
+            self._reported[run.key] = _Reported(time.monotonic(), run.lease_until)
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
@@ -189,8 +194,8 @@ class Worker:
             reported_lease = REPORTED_LEASE_FACTOR * lease
             leases = {
                 key: reported_lease
-                for key in self._reported
-                if self._lease_until.get(key, 0.0) - started < reported_lease / 2
+                for key, reported in self._reported.items()
+                if reported.lease_until - started < reported_lease / 2
             }
             leases.update(dict.fromkeys(self._running, lease))
             try:
@@ -202,11 +207,10 @@ class Worker:
                 log.warning("heartbeat for %d chunks failed: %s", len(leases), err)
                 continue
             for key, seconds in leases.items():
-                if key in beat.extended and key in self._lease_until:
-                    self._lease_until[key] = started + seconds
+                if key in beat.extended:
+                    self._extended(key, started + seconds)
                 elif key not in beat.held:
                     self._reported.pop(key, None)  # recorded by the scheduler, or taken over
-                    self._lease_until.pop(key, None)
             for job_id in beat.stopped_jobs:
                 self._cancelled.setdefault(job_id, time.monotonic())
                 self.cancel_job(job_id)
@@ -217,12 +221,18 @@ class Worker:
                     log.warning("job %s chunk %d: lease lost, stopping this attempt", run.job_id, run.chunk_index)
                     run.abandon()
 
+    def _extended(self, key: tuple[str, int], lease_until: float) -> None:
+        run = self._running.get(key)
+        if run is not None:
+            run.lease_until = lease_until
+        elif key in self._reported:
+            self._reported[key].lease_until = lease_until
+
     def _forget_reported_older_than(self, seconds: float) -> None:
         """A bound for reports whose outcome never shows up as recorded (the heartbeat keeps failing)."""
         oldest = time.monotonic() - seconds
-        for key in [k for k, at in self._reported.items() if at < oldest]:
+        for key in [k for k, reported in self._reported.items() if reported.at < oldest]:
             del self._reported[key]
-            self._lease_until.pop(key, None)
 
     async def _drain(self) -> None:
         """Lets running chunks finish within the drain time, then gives the rest back to run elsewhere."""
