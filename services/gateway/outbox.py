@@ -27,10 +27,17 @@ IDLE_POLL_SECONDS = 1.0
 
 
 class OutboxRelay:
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: AsyncConnectionPool,
+        producer: AIOKafkaProducer,
+        idle_poll_s: float = IDLE_POLL_SECONDS,
+    ) -> None:
         self._settings = settings
         self._pool = pool
         self._producer = producer
+        self._idle_poll_s = idle_poll_s
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -55,7 +62,7 @@ class OutboxRelay:
             if sent == BATCH:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+                await asyncio.wait_for(self._wake.wait(), self._idle_poll_s)
 
     async def track_backlog(self, every_s: float = 5.0) -> None:
         while True:
