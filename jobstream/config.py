@@ -82,6 +82,12 @@ class Settings:
     # Worker.
     worker_id: str = field(default_factory=_default_worker_id)
     worker_concurrency: int = 8
+    # At most this many chunks a worker claims beyond its free slots, to start as slots free. A claim
+    # costs a Postgres and a broker round trip whatever the number of chunks, so chunks of a few
+    # milliseconds run at the rate of those round trips unless each claims more than the slots just
+    # freed. A worker claims ahead only what it expects to start within moments (see
+    # services/worker/window.py), so long chunks are not held back from other workers; 0: never.
+    worker_prefetch: int = 24
     lease_seconds: float = 10.0
     heartbeat_seconds: float = 3.0
     drain_seconds: float = 20.0
@@ -125,6 +131,8 @@ class Settings:
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(f"{name} must be positive, got {value}")
+        if self.worker_prefetch < 0:
+            raise SettingsError(f"JOBSTREAM_WORKER_PREFETCH must not be negative, got {self.worker_prefetch}")
         if self.heartbeat_seconds >= self.lease_seconds:
             raise SettingsError(
                 "JOBSTREAM_HEARTBEAT_SECONDS must be shorter than JOBSTREAM_LEASE_SECONDS "

@@ -11,4 +11,7 @@ CHUNK_DURATION = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
 IN_FLIGHT = Gauge("jobstream_worker_chunks_in_flight", "Chunks this worker is running.")
+CLAIMED_WAITING = Gauge(
+    "jobstream_worker_chunks_claimed_waiting", "Chunks this worker claimed ahead that wait for a free slot."
+)
 CONCURRENCY = Gauge("jobstream_worker_concurrency", "Chunks this worker can run at once.")

@@ -63,14 +63,18 @@ class ChunkView:
 class ChunkRun:
     """One attempt of one chunk on this worker."""
 
-    def __init__(self, task: bus_pb2.ChunkTask, worker_id: str, report: Report) -> None:
+    def __init__(self, task: bus_pb2.ChunkTask, worker_id: str, report: Report, slots: asyncio.Semaphore) -> None:
         self.task = task
         self.job_id = task.job_id
         self.chunk_index = task.chunk_index
         self.attempt = task.attempt
         self._worker_id = worker_id
         self._report = report
+        self._slots = slots
         self._cancelled = False
+        # Claimed chunks wait for one of the worker's slots; until then the kind's code has not run.
+        self.started = False
+        self.ran_s: float | None = None  # how long the kind's code ran, once it has
         self._last_progress = time.monotonic()
         self.asyncio_task: asyncio.Task[None] | None = None
         # The monotonic time until which the stored lease lasts, at least (the worker keeps it).
@@ -116,6 +120,15 @@ class ChunkRun:
         )
 
     async def run(self) -> None:
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise  # the worker is stopping, and hands the chunk back
+            await self._send(bus_pb2.CHUNK_CANCELLED, message="cancelled")
+            return
+        self.started = True
+        self._last_progress = time.monotonic()
         started = time.perf_counter()
         outcome = "failed"
         try:
@@ -124,7 +137,9 @@ class ChunkRun:
             outcome = "stopped"
             raise
         finally:
-            CHUNK_DURATION.labels(kind=self.task.kind, outcome=outcome).observe(time.perf_counter() - started)
+            self._slots.release()
+            self.ran_s = time.perf_counter() - started
+            CHUNK_DURATION.labels(kind=self.task.kind, outcome=outcome).observe(self.ran_s)
 
     async def _run(self) -> str:
         try:

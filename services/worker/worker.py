@@ -1,4 +1,7 @@
-"""The worker loop: fetch as many chunk tasks as there are free slots, claim them, run them.
+"""The worker loop: fetch chunk tasks, claim them, run them as slots free.
+
+A worker may claim a few chunks more than it has free slots (see window.py); claimed chunks wait
+for one of `worker_concurrency` slots.
 
 Offsets are committed right after the claim: from then on Postgres (the lease) holds the chunk,
 not Kafka, so a worker that dies mid-chunk loses nothing: its lease expires and the chunk is
@@ -33,6 +36,7 @@ from jobstream.kafka import (
 from jobstream.service import essential
 from services.worker import claims, metrics
 from services.worker.runner import ChunkRun
+from services.worker.window import ClaimWindow
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +80,13 @@ class Worker:
         # run them all again (a 100,000-chunk job ran twice over that way).
         self._reported: dict[tuple[str, int], _Reported] = {}
         self._slot_free = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._window = ClaimWindow(settings.worker_concurrency, settings.worker_prefetch)
         self._cancelled: dict[str, float] = {}
         self._control = make_broadcast_consumer(settings, settings.kafka_control_fetch_wait_ms)
         metrics.CONCURRENCY.set(settings.worker_concurrency)
-        metrics.IN_FLIGHT.set_function(lambda: len(self._running))
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._running)
+        metrics.IN_FLIGHT.set_function(lambda: sum(run.started for run in self._running.values()))
+        metrics.CLAIMED_WAITING.set_function(lambda: sum(not run.started for run in self._running.values()))
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._control.start()
@@ -106,9 +109,8 @@ class Worker:
             await self._control.stop()
 
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
-        concurrency = self._settings.worker_concurrency
         while not stop.is_set():
-            free = concurrency - len(self._running)
+            free = self._window.size - len(self._running)
             if free <= 0:
                 self._slot_free.clear()
                 with contextlib.suppress(TimeoutError):
@@ -139,7 +141,7 @@ class Worker:
                     self._start(task, claimed_from + self._settings.lease_seconds)
 
     def _start(self, task: bus_pb2.ChunkTask, lease_until: float) -> None:
-        run = ChunkRun(task, self._settings.worker_id, self._send_report)
+        run = ChunkRun(task, self._settings.worker_id, self._send_report, self._slots)
         run.lease_until = lease_until
         self._running[run.key] = run
         run.asyncio_task = asyncio.create_task(run.run())
@@ -147,6 +149,8 @@ class Worker:
 
     def _finished(self, run: ChunkRun) -> None:
         self._running.pop(run.key, None)
+        if run.ran_s is not None:
+            self._window.ran(run.ran_s)
         if run.asyncio_task is not None and not run.asyncio_task.cancelled():
             self._reported[run.key] = _Reported(time.monotonic(), run.lease_until)
         self._slot_free.set()
@@ -235,16 +239,21 @@ class Worker:
             del self._reported[key]
 
     async def _drain(self) -> None:
-        """Lets running chunks finish within the drain time, then gives the rest back to run elsewhere."""
+        """Lets running chunks finish within the drain time and gives the rest back to run elsewhere,
+        claimed chunks that have not started at once."""
+        await self._hand_back([run for run in self._running.values() if not run.started])
         if self._running:
             log.info("draining %d running chunks (up to %.0fs)", len(self._running), self._settings.drain_seconds)
             pending = [r.asyncio_task for r in self._running.values() if r.asyncio_task]
             await asyncio.wait(pending, timeout=self._settings.drain_seconds)
-        for run in list(self._running.values()):
+        await self._hand_back(list(self._running.values()))
+        await self._producer.flush()
+
+    async def _hand_back(self, runs: list[ChunkRun]) -> None:
+        for run in runs:
             run.abandon()
             if run.asyncio_task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await run.asyncio_task
             log.info("job %s chunk %d attempt %d: handed back", run.job_id, run.chunk_index, run.attempt)
             await run.release()
-        await self._producer.flush()
