@@ -281,14 +281,25 @@ class Scheduler:
 
     def _messages(self, out: Outbound) -> list[Message]:
         topic = self._settings.topic
-        messages: list[Message] = []
-        messages += [
-            (topic(topics.CHUNKS), f"{t.job_id}/{t.chunk_index}/{t.attempt}".encode(), t.SerializeToString())
+        chunk_partitions, job_partitions = self._settings.chunk_partitions, self._settings.job_partitions
+        messages: list[Message] = [
+            (
+                topic(topics.CHUNKS),
+                topics.chunk_partition(t.job_id, t.chunk_index, t.attempt, chunk_partitions),
+                f"{t.job_id}/{t.chunk_index}/{t.attempt}".encode(),
+                t.SerializeToString(),
+            )
             for t in out.tasks
         ]
-        messages += [(topic(topics.UPDATES), e.job_id.encode(), e.SerializeToString()) for e in out.events]
-        messages += [(topic(topics.CONTROL), c.job_id.encode(), c.SerializeToString()) for c in out.controls]
-        messages += [(topic(topics.DEAD_LETTER), d.job_id.encode(), d.SerializeToString()) for d in out.dead_letters]
+        for name, keyed in (
+            (topics.UPDATES, out.events),
+            (topics.CONTROL, out.controls),
+            (topics.DEAD_LETTER, out.dead_letters),
+        ):
+            messages += [
+                (topic(name), topics.partition_of(m.job_id, job_partitions), m.job_id.encode(), m.SerializeToString())
+                for m in keyed
+            ]
         return messages
 
 

@@ -30,7 +30,7 @@ PUBLISH_SLICE = 5000
 # Recorded batches waiting to be announced before the batch loop waits for the broker.
 MAX_PENDING = 8
 
-Message = tuple[str, bytes, bytes]  # topic, key, value
+Message = tuple[str, int, bytes, bytes]  # topic, partition, key, value
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Publisher:
         delay = 0.2
         while True:
             try:
-                futures = [await self._producer.send(t, value=v, key=k) for t, k, v in messages]
+                futures = [await self._producer.send(t, value=v, key=k, partition=p) for t, p, k, v in messages]
                 await asyncio.gather(*futures)
                 return
             except KafkaError as err:

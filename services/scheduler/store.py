@@ -125,34 +125,35 @@ async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID], epochs: Mapping[in
 
 
 async def save_jobs(conn: Conn, jobs: Iterable[JobRow]) -> None:
-    rows = [
-        (
-            job.state,
-            job.total_chunks,
-            job.done_chunks,
-            job.failed_chunks,
-            job.progress_message,
-            job.last_seq,
-            None if job.result is None else Jsonb(job.result),
-            job.error,
-            job.started_at,
-            job.finished,
-            job.id,
-        )
-        for job in jobs
-        if job.changed
-    ]
-    if not rows:
+    """Writes back the batch's changed jobs in one statement (one UPDATE per job made Postgres plan
+    and run a statement for every job that merely moved its progress on)."""
+    changed = [job for job in jobs if job.changed]
+    if not changed:
         return
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "UPDATE jobs SET state = %s, total_chunks = %s, done_chunks = %s, failed_chunks = %s,"
-            " progress_message = %s, last_seq = %s, result = %s, error = %s,"
-            " started_at = to_timestamp(%s),"
-            " finished_at = CASE WHEN %s THEN coalesce(finished_at, now()) END"
-            " WHERE id = %s",
-            rows,
-        )
+    await conn.execute(
+        "UPDATE jobs j SET state = v.state, total_chunks = v.total_chunks, done_chunks = v.done_chunks,"
+        " failed_chunks = v.failed_chunks, progress_message = v.progress_message, last_seq = v.last_seq,"
+        " result = v.result, error = v.error, started_at = to_timestamp(v.started_at),"
+        " finished_at = CASE WHEN v.finished THEN coalesce(j.finished_at, now()) END"
+        " FROM unnest(%s::uuid[], %s::smallint[], %s::int[], %s::int[], %s::int[], %s::text[], %s::bigint[],"
+        " %s::jsonb[], %s::text[], %s::float8[], %s::bool[])"
+        " AS v(id, state, total_chunks, done_chunks, failed_chunks, progress_message, last_seq,"
+        " result, error, started_at, finished)"
+        " WHERE j.id = v.id",
+        (
+            [job.id for job in changed],
+            [job.state for job in changed],
+            [job.total_chunks for job in changed],
+            [job.done_chunks for job in changed],
+            [job.failed_chunks for job in changed],
+            [job.progress_message for job in changed],
+            [job.last_seq for job in changed],
+            [None if job.result is None else Jsonb(job.result) for job in changed],
+            [job.error for job in changed],
+            [job.started_at for job in changed],
+            [job.finished for job in changed],
+        ),
+    )
 
 
 async def insert_events(conn: Conn, events: Sequence[tuple[uuid.UUID, int, bytes]]) -> None:

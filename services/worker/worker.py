@@ -160,6 +160,7 @@ class Worker:
             self._settings.topic(topics.PROGRESS),
             value=report.SerializeToString(),
             key=report.job_id.encode(),
+            partition=topics.partition_of(report.job_id, self._settings.job_partitions),
         )
 
     async def _listen_control(self) -> None:
