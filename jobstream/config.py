@@ -87,7 +87,7 @@ class Settings:
     # milliseconds run at the rate of those round trips unless each claims more than the slots just
     # freed. A worker claims ahead only what it expects to start within moments (see
     # services/worker/window.py), so long chunks are not held back from other workers; 0: never.
-    worker_prefetch: int = 24
+    worker_prefetch: int = 64
     lease_seconds: float = 10.0
     heartbeat_seconds: float = 3.0
     drain_seconds: float = 20.0
