@@ -6,6 +6,8 @@ import asyncio
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,10 +29,12 @@ __all__ = [
     "Client",
     "assert_contiguous",
     "count_jobs",
+    "http_get",
     "new_tenant",
     "params",
     "read_rest",
     "run_cli",
+    "scrape",
     "submit",
     "wait_for",
     "watch_all",
@@ -62,6 +66,26 @@ async def run_cli(stack: Stack, *args: str, cwd: Path = REPO) -> subprocess.Comp
     return await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=120, check=False
     )
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a local HTTP endpoint (a service's metrics and health); status 0 when
+    nothing answers."""
+    # Longer than the 5 s a service gives its readiness checks.
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError as err:
+        return 0, f"no answer: {err}"
+
+
+async def scrape(stack: Stack, service: str) -> str:
+    """A service's /metrics page."""
+    status, body = await asyncio.to_thread(http_get, stack.metrics_ports[service], "/metrics")
+    assert status == 200, body
+    return body
 
 
 async def submit(client: Client, kind: str, data: bytes = b"", **values: Any) -> pb.Job:

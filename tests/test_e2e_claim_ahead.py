@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +15,7 @@ import pytest
 from jobstream.states import ChunkState
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.conftest import running_stack
-from tests.helpers import assert_contiguous, params, read_rest, wait_for, watch_all, watch_until
+from tests.helpers import assert_contiguous, read_rest, scrape, submit, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
 if TYPE_CHECKING:
@@ -41,18 +40,9 @@ async def own(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
         yield stack
 
 
-async def submit(client: Client, **values: Any) -> pb.Job:
-    return (await client.Submit(pb.SubmitRequest(kind="demo.sleep", params=params(**values)))).job
-
-
 async def gauges(stack: Stack) -> dict[str, float]:
     """The worker's chunks_in_flight and chunks_claimed_waiting."""
-
-    def get() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports[WORKER]}/metrics", timeout=5) as response:
-            return str(response.read().decode())
-
-    text = await asyncio.to_thread(get)
+    text = await scrape(stack, WORKER)
     found = re.findall(r"^jobstream_worker_chunks_(in_flight|claimed_waiting) ([0-9.e+-]+)$", text, re.MULTILINE)
     return {name: float(value) for name, value in found}
 
@@ -67,7 +57,7 @@ async def chunk_states(db: Db, job_id: str) -> dict[tuple[int, int], int]:
 
 async def short_chunks_ran(client: Client) -> None:
     """Chunks of no time at all: the worker learns its chunks are short and claims ahead."""
-    job = await submit(client, chunks=4 * (SLOTS + PREFETCH), ms=0)
+    job = await submit(client, "demo.sleep", chunks=4 * (SLOTS + PREFETCH), ms=0)
     assert (await watch_all(client, job.id))[-1].type == pb.JOB_SUCCEEDED
 
 
@@ -86,7 +76,7 @@ async def test_a_worker_claims_ahead_but_runs_no_more_chunks_than_its_slots(
     own: Stack, own_client: Client, own_db: Db
 ) -> None:
     await short_chunks_ran(own_client)
-    job = await submit(own_client, chunks=SLOTS + PREFETCH + 1, ms=1500)
+    job = await submit(own_client, "demo.sleep", chunks=SLOTS + PREFETCH + 1, ms=1500)
     stream, events = await watch_until(own_client, job.id, lambda e: e.type == pb.JOB_STARTED)
     await holds_a_full_window(own_db, own, job.id)
 
@@ -105,7 +95,7 @@ async def test_a_worker_claims_ahead_but_runs_no_more_chunks_than_its_slots(
 
 async def test_cancel_stops_the_chunks_a_worker_claimed_ahead(own: Stack, own_client: Client, own_db: Db) -> None:
     await short_chunks_ran(own_client)
-    job = await submit(own_client, chunks=SLOTS + PREFETCH, ms=20_000)
+    job = await submit(own_client, "demo.sleep", chunks=SLOTS + PREFETCH, ms=20_000)
     stream, events = await watch_until(own_client, job.id, lambda e: e.type == pb.JOB_STARTED)
     await holds_a_full_window(own_db, own, job.id)
 
@@ -125,7 +115,7 @@ async def test_a_stopping_worker_hands_back_unstarted_chunks_before_it_drains(
     own: Stack, own_client: Client, own_db: Db
 ) -> None:
     await short_chunks_ran(own_client)
-    job = await submit(own_client, chunks=SLOTS + PREFETCH, ms=4000)
+    job = await submit(own_client, "demo.sleep", chunks=SLOTS + PREFETCH, ms=4000)
     stream, events = await watch_until(own_client, job.id, lambda e: e.type == pb.JOB_STARTED)
     await holds_a_full_window(own_db, own, job.id)
 

@@ -24,7 +24,7 @@ from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import ChildProcess
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.conftest import client_of, running_stack
-from tests.helpers import params, wait_for, watch_all
+from tests.helpers import http_get, params, wait_for, watch_all
 from tests.stack import REPO, Stack
 
 if TYPE_CHECKING:
@@ -221,21 +221,9 @@ async def test_every_dashboard_panel_shows_data_from_a_prometheus_scraping_the_s
 OUTAGE_SECONDS = 3.0
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    """Status and body; status 0 when nothing answers."""
-    # Longer than the 5 s a service gives its readiness checks.
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError as err:
-        return 0, f"no answer: {err}"
-
-
 async def _probes(stack: Stack, path: str) -> dict[str, tuple[int, str]]:
     names = sorted(stack.metrics_ports)
-    answers = await asyncio.gather(*(asyncio.to_thread(_get, stack.metrics_ports[n], path) for n in names))
+    answers = await asyncio.gather(*(asyncio.to_thread(http_get, stack.metrics_ports[n], path) for n in names))
     return dict(zip(names, answers, strict=True))
 
 

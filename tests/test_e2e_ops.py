@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobstream.v1 import jobstream_pb2 as pb
-from tests.helpers import submit, wait_for, watch_all
+from tests.helpers import http_get, scrape, submit, wait_for, watch_all
 from tests.stack import Stack
 
 if TYPE_CHECKING:
@@ -24,45 +23,31 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
-async def _scrape(stack: Stack, service: str) -> str:
-    status, body = await asyncio.to_thread(_get, stack.metrics_ports[service], "/metrics")
-    assert status == 200
-    return body
-
-
 async def test_every_service_is_live_ready_and_exposes_metrics(stack: Stack, client: Client) -> None:
     job = await submit(client, "demo.sleep", chunks=4, ms=10)
     await watch_all(client, job.id)
 
     for service in ("gateway", "scheduler", "worker-1"):
         port = stack.metrics_ports[service]
-        assert await asyncio.to_thread(_get, port, "/livez") == (200, "ok\n")
-        assert await asyncio.to_thread(_get, port, "/readyz") == (200, "ready\n")
-        assert (await asyncio.to_thread(_get, port, "/nope"))[0] == 404
+        assert await asyncio.to_thread(http_get, port, "/livez") == (200, "ok\n")
+        assert await asyncio.to_thread(http_get, port, "/readyz") == (200, "ready\n")
+        assert (await asyncio.to_thread(http_get, port, "/nope"))[0] == 404
 
-    gateway = await _scrape(stack, "gateway")
+    gateway = await scrape(stack, "gateway")
     assert 'jobstream_jobs_submitted_total{kind="demo.sleep"}' in gateway
     assert 'jobstream_grpc_requests_total{code="OK",method="Submit"}' in gateway
     assert "jobstream_event_latency_seconds_bucket" in gateway
     assert 'jobstream_db_pool_connections{state="max"}' in gateway
-    scheduler = await _scrape(stack, "scheduler")
+    scheduler = await scrape(stack, "scheduler")
     assert 'jobstream_jobs_finished_total{kind="demo.sleep",state="succeeded"}' in scheduler
 
     async def lag_reported() -> bool:
-        return 'jobstream_kafka_consumer_lag{group="jobstream-scheduler",topic="jobs.progress"}' in await _scrape(
+        return 'jobstream_kafka_consumer_lag{group="jobstream-scheduler",topic="jobs.progress"}' in await scrape(
             stack, "scheduler"
         )
 
     await wait_for(lag_reported, within=10, what="the scheduler to report its consumer lag")
-    worker = await _scrape(stack, "worker-1")
+    worker = await scrape(stack, "worker-1")
     assert "jobstream_worker_concurrency 8.0" in worker
 
 
@@ -70,7 +55,7 @@ async def test_grpc_errors_are_counted_by_code(stack: Stack, client: Client) -> 
     with pytest.raises(grpc.aio.AioRpcError):
         await client.GetJob(pb.GetJobRequest(job_id="bad"))
 
-    gateway = await _scrape(stack, "gateway")
+    gateway = await scrape(stack, "gateway")
     assert 'jobstream_grpc_requests_total{code="INVALID_ARGUMENT",method="GetJob"}' in gateway
 
 
@@ -82,13 +67,13 @@ async def test_a_watch_the_client_cancels_is_counted_as_cancelled(stack: Stack, 
     line = 'jobstream_grpc_requests_total{code="CANCELLED",method="Watch"}'
 
     async def counted() -> bool:
-        return line in await _scrape(stack, "gateway")
+        return line in await scrape(stack, "gateway")
 
     try:
         await wait_for(counted, within=10, what=f"{line} on the gateway")
     finally:
         await client.Cancel(pb.CancelRequest(job_id=job.id))
-    assert 'code="UNKNOWN",method="Watch"' not in await _scrape(stack, "gateway")
+    assert 'code="UNKNOWN",method="Watch"' not in await scrape(stack, "gateway")
 
 
 async def test_gateway_serves_grpc_health(channel: grpc.aio.Channel) -> None:
@@ -101,7 +86,7 @@ async def test_gateway_serves_grpc_health(channel: grpc.aio.Channel) -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)")
 @pytest.mark.parametrize("service", ["gateway", "scheduler", "worker-1"])
 async def test_promtool_finds_nothing_wrong_with_the_metrics(stack: Stack, service: str) -> None:
-    body = await _scrape(stack, service)
+    body = await scrape(stack, service)
     result = await asyncio.to_thread(
         subprocess.run, ["promtool", "check", "metrics"], input=body, capture_output=True, text=True, check=False
     )
