@@ -74,7 +74,9 @@ class ChunkRun:
         self._cancelled = False
         # Claimed chunks wait for one of the worker's slots; until then the kind's code has not run.
         self.started = False
-        self.ran_s: float | None = None  # how long the kind's code ran, once it has
+        # How long the kind's code ran, once it ended on its own: a run cut short by Cancel or a
+        # stopping worker says nothing about how long the kind's chunks take.
+        self.ran_s: float | None = None
         self._last_progress = time.monotonic()
         self.asyncio_task: asyncio.Task[None] | None = None
         # The monotonic time until which the stored lease lasts, at least (the worker keeps it).
@@ -125,7 +127,7 @@ class ChunkRun:
         except asyncio.CancelledError:
             if not self._cancelled:
                 raise  # the worker is stopping, and hands the chunk back
-            await self._send(bus_pb2.CHUNK_CANCELLED, message="cancelled")
+            await self._report_cancelled()
             return
         self.started = True
         self._last_progress = time.monotonic()
@@ -138,8 +140,10 @@ class ChunkRun:
             raise
         finally:
             self._slots.release()
-            self.ran_s = time.perf_counter() - started
-            CHUNK_DURATION.labels(kind=self.task.kind, outcome=outcome).observe(self.ran_s)
+            elapsed = time.perf_counter() - started
+            if outcome in ("succeeded", "failed"):
+                self.ran_s = elapsed
+            CHUNK_DURATION.labels(kind=self.task.kind, outcome=outcome).observe(elapsed)
 
     async def _run(self) -> str:
         try:
@@ -147,7 +151,7 @@ class ChunkRun:
         except asyncio.CancelledError:
             if not self._cancelled:
                 raise  # the worker itself is stopping; it decides what to report
-            await self._send(bus_pb2.CHUNK_CANCELLED, message="cancelled")
+            await self._report_cancelled()
             return "cancelled"
         except ChunkError as err:
             await self._fail(str(err), permanent=not err.retryable)
@@ -179,6 +183,9 @@ class ChunkRun:
                 f"the chunk's result is {len(encoded)} bytes; at most {MAX_RESULT_BYTES} are allowed", retryable=False
             )
         return encoded
+
+    async def _report_cancelled(self) -> None:
+        await self._send(bus_pb2.CHUNK_CANCELLED, message="cancelled")
 
     async def _fail(self, error: str, *, permanent: bool = False) -> None:
         log.info("job %s chunk %d attempt %d failed: %s", self.job_id, self.chunk_index, self.attempt, error)

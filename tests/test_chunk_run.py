@@ -1,0 +1,82 @@
+"""A chunk run on its own: it waits for a slot, and only a run that ended on its own tells the
+worker how long its chunks take (see services/worker/window.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+from jobstream.bus.v1 import bus_pb2
+from jobstream.kinds import get_kind, load_kinds
+from services.worker.runner import ChunkRun
+
+
+def _run(ms: int, slots: asyncio.Semaphore, reports: list[bus_pb2.ChunkReport]) -> ChunkRun:
+    load_kinds()
+    params = get_kind("demo.sleep").params.validate({"chunks": 1, "ms": ms})
+    task = bus_pb2.ChunkTask(
+        job_id="00000000-0000-0000-0000-000000000001",
+        kind="demo.sleep",
+        chunk_index=0,
+        attempt=1,
+        params_json=json.dumps(params).encode(),
+    )
+
+    async def report(sent: bus_pb2.ChunkReport) -> None:
+        reports.append(sent)
+
+    return ChunkRun(task, "w", report, slots)
+
+
+class _Slots(asyncio.Semaphore):
+    """The worker's slots, telling the test when a run asks for one and when it got it."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.asked = asyncio.Event()
+        self.taken = asyncio.Event()
+
+    async def acquire(self) -> Literal[True]:
+        self.asked.set()
+        got = await super().acquire()
+        self.taken.set()
+        return got
+
+
+async def test_a_run_that_ends_on_its_own_tells_how_long_it_ran() -> None:
+    reports: list[bus_pb2.ChunkReport] = []
+    run = _run(0, _Slots(), reports)
+    await asyncio.wait_for(run.run(), 5)
+    assert run.ran_s is not None
+    assert [r.type for r in reports] == [bus_pb2.CHUNK_SUCCEEDED]
+
+
+async def test_a_run_cut_short_by_cancel_tells_nothing_of_how_long_chunks_take() -> None:
+    reports: list[bus_pb2.ChunkReport] = []
+    slots = _Slots()
+    run = _run(60_000, slots, reports)
+    run.asyncio_task = asyncio.create_task(run.run())
+    await asyncio.wait_for(slots.taken.wait(), 5)
+    run.cancel()
+    await asyncio.wait_for(run.asyncio_task, 5)
+    assert run.ran_s is None
+    assert reports[-1].type == bus_pb2.CHUNK_CANCELLED
+
+
+async def test_a_chunk_waiting_for_a_slot_is_cancelled_without_running() -> None:
+    reports: list[bus_pb2.ChunkReport] = []
+    slots = _Slots()
+    busy = _run(60_000, slots, reports)
+    busy.asyncio_task = asyncio.create_task(busy.run())
+    await asyncio.wait_for(slots.taken.wait(), 5)
+    slots.asked.clear()
+    waiting = _run(0, slots, reports)
+    waiting.asyncio_task = asyncio.create_task(waiting.run())
+    await asyncio.wait_for(slots.asked.wait(), 5)
+    waiting.cancel()
+    await asyncio.wait_for(waiting.asyncio_task, 5)
+    assert not waiting.started and waiting.ran_s is None
+    assert [r.type for r in reports] == [bus_pb2.CHUNK_CANCELLED]
+    busy.abandon()
+    await asyncio.gather(busy.asyncio_task, return_exceptions=True)
