@@ -8,7 +8,6 @@ producer may deliver twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +31,12 @@ PARTITION_CHECK_SECONDS = 5.0
 # broker that came back empty re-creates topics that producers may have auto-created with the
 # wrong count) only through metadata, so this bounds how long part of a topic goes unread.
 METADATA_MAX_AGE_MS = 5_000
+# How long a stopping group member may take to leave. Stopped in the middle of a rebalance, the
+# consumer first waits for its join to complete, and a SyncGroup the broker holds back can take
+# the whole request timeout (40 s): a worker given SIGTERM in a test ran out its stop time that way
+# after it had drained and handed back all its chunks. Past this bound the member is left to its
+# session timeout, as if it had crashed; nothing is lost, since its work is recorded already.
+MEMBER_STOP_SECONDS = 5.0
 
 
 def security(settings: Settings) -> dict[str, Any]:
@@ -181,8 +186,12 @@ class GroupMember:
             leave_silently(self.consumer)
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.consumer.stop()
+        try:
+            await asyncio.wait_for(self.consumer.stop(), MEMBER_STOP_SECONDS)
+        except TimeoutError:
+            log.warning("left the consumer group without waiting: stopping took over %.0fs", MEMBER_STOP_SECONDS)
+        except Exception as err:  # a member that cannot stop cleanly is as good as gone
+            log.warning("stopping the group member failed: %s", err)
 
     async def renew(self) -> None:
         log.warning("joining the consumer group again after the broker came back empty")
