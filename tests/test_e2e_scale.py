@@ -170,8 +170,11 @@ async def test_a_stale_scheduler_resumed_after_its_partitions_moved_writes_nothi
 
 
 async def test_a_worker_added_during_a_job_runs_chunks_of_it(own: Stack, gateways: Gateways, db: Db) -> None:
-    job = (await gateways.clients[0].Submit(pb.SubmitRequest(kind="demo.sleep", params=params(chunks=600, ms=500)))).job
-    stream, events = await watch_until(gateways.clients[1], job.id, lambda e: e.progress.done_chunks >= 20)
+    # About 25 s of work on the module's 32 slots: joining a group takes the embedded broker 5 to 9 s
+    # (it waits for every member to rejoin), and the added worker must find chunks still waiting.
+    request = pb.SubmitRequest(kind="demo.sleep", params=params(chunks=800, ms=1000))
+    job = (await gateways.clients[0].Submit(request)).job
+    stream, events = await watch_until(gateways.clients[1], job.id, lambda e: e.progress.done_chunks >= 1)
 
     own.start_worker("worker-added")
     events += await read_rest(stream, job.id, within=120)
