@@ -148,6 +148,21 @@ async def test_wordcount_equals_a_single_pass(client: Client) -> None:
     assert events[-1].progress.total_chunks > 10
 
 
+async def test_jobs_finishing_together_each_merge_their_own_chunks(client: Client) -> None:
+    # Jobs that complete in the same scheduler batch have their chunk results read together:
+    # each must get its own, in its own chunk order.
+    texts = ["".join(f"word{n} shared{m}\n" for m in range(n + 150)) for n in range(24)]
+    jobs = await asyncio.gather(*(submit(client, "text.wordcount", data=t.encode(), chunk_bytes=1024) for t in texts))
+    finals = await asyncio.gather(*(watch_all(client, job.id, within=60) for job in jobs))
+
+    for job, text, events in zip(jobs, texts, finals, strict=True):
+        assert events[-1].type == pb.JOB_SUCCEEDED, events[-1].error
+        assert events[-1].progress.total_chunks > 1
+        result = from_struct((await client.GetJob(pb.GetJobRequest(job_id=job.id))).result)
+        assert result["words"] == len(text.split())
+        assert result["unique_words"] == len(set(text.split()))
+
+
 @pytest.mark.parametrize(
     ("kind", "values", "field"),
     [

@@ -74,11 +74,13 @@ class JobMachine:
         self._inputs: dict[uuid.UUID, bytes] = {}
         self._new_chunks: list[tuple[uuid.UUID, int, bytes]] = []
         self._counted: dict[uuid.UUID, list[int]] = {}
+        self._results: dict[uuid.UUID, list[Any]] = {}
 
     async def prepare(self, conn: Conn, jobs: list[JobRow], work: dict[uuid.UUID, JobWork]) -> None:
         """Does for the whole batch, one statement each, what would otherwise cost a query per job:
-        reads the inputs of the jobs it may start, and records the chunk successes of running jobs
-        (a success stands whatever else the batch says about the job)."""
+        reads the inputs of the jobs it may start, records the chunk successes of running jobs (a
+        success stands whatever else the batch says about the job), and reads the chunk results of
+        the jobs those successes complete."""
         starting = [j.id for j in jobs if j.state == JobState.QUEUED and (work[j.id].submitted or work[j.id].reconcile)]
         self._inputs = await store.read_inputs(conn, starting)
         self._new_chunks = []
@@ -89,6 +91,15 @@ class JobMachine:
                     if r.type == bus_pb2.CHUNK_SUCCEEDED:
                         successes.setdefault((job.id, r.chunk_index), r.result_json.decode() or "null")
         self._counted = await store.record_successes(conn, [(j, i, r) for (j, i), r in successes.items()])
+        # The jobs these successes complete: their results are read together for the merge. A job
+        # completed some other way this batch (a failure it may survive) reads its own in _succeed.
+        completing = [
+            j.id
+            for j in jobs
+            if j.state == JobState.RUNNING
+            and j.done_chunks + j.failed_chunks + len(self._counted.get(j.id, ())) >= j.total_chunks
+        ]
+        self._results = {j: [] for j in completing} | await store.chunk_results(conn, completing)
 
     async def flush_chunks(self, conn: Conn) -> None:
         """Writes the chunk rows of the jobs started so far; before anything else touches their chunks."""
@@ -313,7 +324,10 @@ class JobMachine:
 
     async def _succeed(self, conn: Conn, job: JobRow, out: Outbound) -> None:
         try:
-            result = get_kind(job.kind).merge(job.params, await store.chunk_results(conn, job.id))
+            results = self._results.pop(job.id, None)
+            if results is None:
+                results = (await store.chunk_results(conn, [job.id])).get(job.id, [])
+            result = get_kind(job.kind).merge(job.params, results)
         except Exception as err:
             log.warning("job %s: merge failed: %s", job.id, err)
             await self._end(conn, job, JobState.FAILED, out, error=f"merging chunk results failed: {err}")

@@ -315,12 +315,19 @@ async def mark_cancelled(conn: Conn, job_id: uuid.UUID, running_idx: Sequence[in
         )
 
 
-async def chunk_results(conn: Conn, job_id: uuid.UUID) -> list[Any]:
+async def chunk_results(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Any]]:
+    """The results of the jobs' succeeded chunks, in chunk order; a job with none is left out."""
+    if not job_ids:
+        return {}
     cur = await conn.execute(
-        "SELECT result FROM chunks WHERE job_id = %s AND state = %s ORDER BY idx",
-        (job_id, ChunkState.SUCCEEDED),
+        "SELECT c.job_id, c.result FROM unnest(%s::uuid[]) AS t(job_id)"
+        " JOIN chunks c ON c.job_id = t.job_id WHERE c.state = %s ORDER BY c.job_id, c.idx",
+        (list(job_ids), ChunkState.SUCCEEDED),
     )
-    return [row[0] for row in await cur.fetchall()]
+    results: dict[uuid.UUID, list[Any]] = {}
+    for job_id, result in await cur.fetchall():
+        results.setdefault(job_id, []).append(result)
+    return results
 
 
 async def count_running(pool: AsyncConnectionPool, partitions: Sequence[int]) -> tuple[int, int]:
