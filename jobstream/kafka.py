@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from aiokafka.helpers import create_ssl_context
 from google.protobuf.message import DecodeError, Message
 
@@ -66,6 +66,25 @@ def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer
         client_id=f"jobstream-{settings.worker_id}",
         **security(settings),
     )
+
+
+async def send_to(
+    producer: AIOKafkaProducer, topic: str, partition: int, key: bytes, value: bytes
+) -> asyncio.Future[Any]:
+    """Queues a message for a named partition; returns the future of its acknowledgement.
+
+    aiokafka checks a named partition against its metadata with a bare assert. A broker that lost
+    its data can list a topic with fewer partitions for a while (a producer's send re-creates it
+    at the broker's default count, until ensure_topics makes it right): that is the broker not
+    being ready, so it raises the retriable UnknownTopicOrPartitionError, after asking for fresh
+    metadata, and the caller retries as for any broker error.
+    """
+    known = await producer.partitions_for(topic)
+    if partition not in known:
+        producer.client.force_metadata_update()
+        raise UnknownTopicOrPartitionError(f"{topic} has {len(known)} partitions, not partition {partition}")
+    future: asyncio.Future[Any] = await producer.send(topic, value=value, key=key, partition=partition)
+    return future
 
 
 def make_group_consumer(

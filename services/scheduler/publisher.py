@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from jobstream.kafka import send_to
 from services.scheduler import metrics
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Publisher:
         delay = 0.2
         while True:
             try:
-                futures = [await self._producer.send(t, value=v, key=k, partition=p) for t, p, k, v in messages]
+                futures = [await send_to(self._producer, t, p, k, v) for t, p, k, v in messages]
                 await asyncio.gather(*futures)
                 return
             except KafkaError as err:

@@ -32,6 +32,7 @@ from jobstream.kafka import (
     follow_partition_changes,
     make_broadcast_consumer,
     rewind_to_committed,
+    send_to,
 )
 from jobstream.service import essential
 from services.worker import claims, metrics
@@ -156,12 +157,28 @@ class Worker:
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
-        await self._producer.send(
-            self._settings.topic(topics.PROGRESS),
-            value=report.SerializeToString(),
-            key=report.job_id.encode(),
-            partition=topics.partition_of(report.job_id, self._settings.job_partitions),
-        )
+        """Queues the report, retrying while the broker is not ready for it: a report lost here
+        would leave its chunk held until its lease ran out. The scheduler counts a report once,
+        however often it arrives."""
+        topic = self._settings.topic(topics.PROGRESS)
+        partition = topics.partition_of(report.job_id, self._settings.job_partitions)
+        value, key = report.SerializeToString(), report.job_id.encode()
+        delay = 0.2
+        while True:
+            try:
+                await send_to(self._producer, topic, partition, key, value)
+                return
+            except KafkaError as err:
+                log.warning(
+                    "job %s chunk %d attempt %d: sending its report failed (%s); retrying in %.1fs",
+                    report.job_id,
+                    report.chunk_index,
+                    report.attempt,
+                    err,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _listen_control(self) -> None:
         while True:

@@ -1,0 +1,93 @@
+"""Sending to a named partition while a topic has the wrong partition count, as it does for a while
+after the broker lost its data: a retriable broker error, never aiokafka's bare assert (which took
+the scheduler's publisher down), and the send goes through once the topic is right again."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from jobstream.embedded.broker import EmbeddedBroker
+from jobstream.kafka import send_to
+from tests.helpers import wait_for
+
+TOPIC = "probe.named"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(tmp_path) as started:
+        yield started
+
+
+@pytest.fixture
+async def admin(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaAdminClient]:
+    client = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def producer(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaProducer]:
+    started = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, metadata_max_age_ms=1000)
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+async def _read_one(broker: EmbeddedBroker, partition: int) -> bytes:
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        tp = TopicPartition(TOPIC, partition)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        record = await consumer.getone()
+        return bytes(record.value or b"")
+    finally:
+        await consumer.stop()
+
+
+async def test_a_partition_the_topic_lacks_is_a_retriable_broker_error_until_the_topic_is_right(
+    broker: EmbeddedBroker, admin: AIOKafkaAdminClient, producer: AIOKafkaProducer
+) -> None:
+    await admin.create_topics([NewTopic(TOPIC, num_partitions=4, replication_factor=1)])
+
+    with pytest.raises(KafkaError, match="has 4 partitions, not partition 7"):
+        await send_to(producer, TOPIC, 7, b"key", b"early")
+    # The metadata request it asked for names the topic, and the broker creates a topic it is asked
+    # about: let it land before the topic is re-created, or it re-creates the old one.
+    await producer.client.force_metadata_update()
+
+    await admin.delete_topics([TOPIC])
+    await admin.create_topics([NewTopic(TOPIC, num_partitions=12, replication_factor=1)])
+
+    async def sent() -> bool:
+        try:
+            await (await send_to(producer, TOPIC, 7, b"key", b"on time"))
+        except KafkaError:
+            return False
+        return True
+
+    await wait_for(sent, within=30, what="the producer to see the re-created topic")
+    assert await _read_one(broker, 7) == b"on time"
+
+
+async def test_a_named_partition_gets_the_message(
+    broker: EmbeddedBroker, admin: AIOKafkaAdminClient, producer: AIOKafkaProducer
+) -> None:
+    await admin.create_topics([NewTopic(TOPIC, num_partitions=4, replication_factor=1)])
+
+    await (await send_to(producer, TOPIC, 2, b"key", b"hello"))
+
+    assert await _read_one(broker, 2) == b"hello"
