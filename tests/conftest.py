@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from jobstream.db import apply_schema
+from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.states import JobState
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
@@ -22,6 +23,13 @@ if TYPE_CHECKING:
 WORKERS = 3
 # Stacks now running, so a failing test's report carries what their processes logged.
 LIVE_STACKS: list[Stack] = []
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A bare embedded broker of the test's own, for what the broker itself does."""
+    with EmbeddedBroker(tmp_path) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

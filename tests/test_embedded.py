@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
@@ -38,12 +37,6 @@ def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
     while (alive := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     return alive
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(tmp_path) as started:
-        yield started
 
 
 def test_postgres_serves_the_jobstream_database_over_tcp(tmp_path: Path) -> None:

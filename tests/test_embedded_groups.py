@@ -10,9 +10,8 @@ test fail, and the workaround can go.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from aiokafka import errors
@@ -87,12 +86,6 @@ class Coordinator:
             if joined.error is errors.NoError and await self.sync(joined) is errors.NoError:
                 return joined
             await asyncio.sleep(0.2)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(tmp_path) as started:
-        yield started
 
 
 @pytest.fixture

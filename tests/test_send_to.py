@@ -4,8 +4,7 @@ the scheduler's publisher down), and the send goes through once the topic is rig
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -17,12 +16,6 @@ from jobstream.kafka import send_to
 from tests.helpers import wait_for
 
 TOPIC = "probe.named"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(tmp_path) as started:
-        yield started
 
 
 @pytest.fixture
