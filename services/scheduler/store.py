@@ -13,9 +13,9 @@ from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from jobstream.db import recordset
 from jobstream.states import ChunkState, JobState
 
 Conn = AsyncConnection[Any]
@@ -130,32 +130,29 @@ async def save_jobs(conn: Conn, jobs: Iterable[JobRow]) -> None:
     changed = [job for job in jobs if job.changed]
     if not changed:
         return
-    rows = recordset(
-        {
-            "id": str(job.id),
-            "state": job.state,
-            "total_chunks": job.total_chunks,
-            "done_chunks": job.done_chunks,
-            "failed_chunks": job.failed_chunks,
-            "progress_message": job.progress_message,
-            "last_seq": job.last_seq,
-            "result": job.result,
-            "error": job.error,
-            "started_at": job.started_at,
-            "finished": job.finished,
-        }
-        for job in changed
-    )
     await conn.execute(
         "UPDATE jobs j SET state = v.state, total_chunks = v.total_chunks, done_chunks = v.done_chunks,"
         " failed_chunks = v.failed_chunks, progress_message = v.progress_message, last_seq = v.last_seq,"
         " result = v.result, error = v.error, started_at = to_timestamp(v.started_at),"
         " finished_at = CASE WHEN v.finished THEN coalesce(j.finished_at, now()) END"
-        " FROM jsonb_to_recordset(%s::jsonb) AS v(id uuid, state smallint, total_chunks int, done_chunks int,"
-        " failed_chunks int, progress_message text, last_seq bigint, result jsonb, error text,"
-        " started_at float8, finished bool)"
+        " FROM unnest(%s::uuid[], %s::smallint[], %s::int[], %s::int[], %s::int[], %s::text[], %s::bigint[],"
+        " %s::jsonb[], %s::text[], %s::float8[], %s::bool[])"
+        " AS v(id, state, total_chunks, done_chunks, failed_chunks, progress_message, last_seq,"
+        " result, error, started_at, finished)"
         " WHERE j.id = v.id",
-        (rows,),
+        (
+            [job.id for job in changed],
+            [job.state for job in changed],
+            [job.total_chunks for job in changed],
+            [job.done_chunks for job in changed],
+            [job.failed_chunks for job in changed],
+            [job.progress_message for job in changed],
+            [job.last_seq for job in changed],
+            [None if job.result is None else Jsonb(job.result) for job in changed],
+            [job.error for job in changed],
+            [job.started_at for job in changed],
+            [job.finished for job in changed],
+        ),
     )
 
 
@@ -224,21 +221,23 @@ async def record_successes(conn: Conn, results: Sequence[tuple[uuid.UUID, int, s
     """
     if not results:
         return {}
-    # The job id comes with every row of the set: with a constant, a job whose chunks were just
+    # The job id comes with every row of the unnest: with a constant, a job whose chunks were just
     # inserted (no statistics yet) got a scan of all its chunks per batch, which made a
     # 100,000-chunk job crawl; joined per row it is one primary-key lookup per chunk.
     # Locked in (job, chunk) order, as claims and heartbeats lock them, so they never deadlock.
     cur = await conn.execute(
         "WITH done AS ("
         "  SELECT c.job_id, c.idx, t.result FROM chunks c"
-        "  JOIN jsonb_to_recordset(%s::jsonb) AS t(job_id uuid, idx int, result text)"
+        "  JOIN unnest(%s::uuid[], %s::int[], %s::text[]) AS t(job_id, idx, result)"
         "    ON c.job_id = t.job_id AND c.idx = t.idx"
         "  WHERE c.state IN (%s, %s) ORDER BY c.job_id, c.idx FOR UPDATE OF c)"
         " UPDATE chunks c SET state = %s, result = d.result::jsonb, finished_at = now(),"
         " lease_expires_at = NULL, error = NULL"
         " FROM done d WHERE c.job_id = d.job_id AND c.idx = d.idx RETURNING c.job_id, c.idx",
         (
-            recordset({"job_id": str(j), "idx": i, "result": r} for j, i, r in results),
+            [j for j, _, _ in results],
+            [i for _, i, _ in results],
+            [r for _, _, r in results],
             ChunkState.PENDING,
             ChunkState.RUNNING,
             ChunkState.SUCCEEDED,

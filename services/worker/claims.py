@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from psycopg_pool import AsyncConnectionPool
 
 from jobstream.bus.v1 import bus_pb2
-from jobstream.db import recordset, retry_conflicts
+from jobstream.db import retry_conflicts
 from jobstream.states import ChunkState, JobState
 
 ChunkKey = tuple[str, int]
@@ -36,7 +36,7 @@ async def claim(
             cur = await conn.execute(
                 "WITH wanted AS ("
                 "  SELECT c.job_id, c.idx FROM chunks c"
-                "  JOIN jsonb_to_recordset(%s::jsonb) AS t(job_id uuid, idx int, attempt int)"
+                "  JOIN unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
                 "    ON c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt"
                 "  WHERE c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c)"
                 " UPDATE chunks c SET state = %s, worker_id = %s, claimed_at = now(), claims = claims + 1,"
@@ -44,7 +44,9 @@ async def claim(
                 " FROM wanted w WHERE c.job_id = w.job_id AND c.idx = w.idx AND c.state = %s"
                 " RETURNING c.job_id, c.idx",
                 (
-                    recordset({"job_id": t.job_id, "idx": t.chunk_index, "attempt": t.attempt} for t in ordered),
+                    [uuid.UUID(t.job_id) for t in ordered],
+                    [t.chunk_index for t in ordered],
+                    [t.attempt for t in ordered],
                     ChunkState.PENDING,
                     ChunkState.RUNNING,
                     worker_id,
@@ -78,7 +80,8 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
         return Beat()
 
     keys = sorted(leases, key=lambda k: (uuid.UUID(k[0]), k[1]))
-    wanted = recordset({"job_id": j, "idx": i, "secs": leases[(j, i)]} for j, i in keys)
+    job_ids, idxs = [uuid.UUID(j) for j, _ in keys], [i for _, i in keys]
+    seconds = [leases[k] for k in keys]
     Key = tuple[uuid.UUID, int]
 
     async def attempt() -> tuple[list[Key], list[Key], set[uuid.UUID]]:
@@ -93,13 +96,13 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
             cur = await conn.execute(
                 "WITH held AS ("
                 "  SELECT c.job_id, c.idx, t.secs FROM chunks c"
-                "  JOIN jsonb_to_recordset(%s::jsonb) AS t(job_id uuid, idx int, secs float8)"
+                "  JOIN unnest(%s::uuid[], %s::int[], %s::float8[]) AS t(job_id, idx, secs)"
                 "    ON c.job_id = t.job_id AND c.idx = t.idx"
                 "  WHERE c.worker_id = %s AND c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c SKIP LOCKED)"
                 " UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => h.secs)"
                 " FROM held h WHERE c.job_id = h.job_id AND c.idx = h.idx"
                 " RETURNING c.job_id, c.idx",
-                (wanted, worker_id, ChunkState.RUNNING),
+                (job_ids, idxs, seconds, worker_id, ChunkState.RUNNING),
             )
             extended: list[Key] = await cur.fetchall()
             held = extended
@@ -107,10 +110,9 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
                 # What was skipped is still this worker's if its last committed version says so.
                 cur = await conn.execute(
                     "SELECT c.job_id, c.idx FROM chunks c"
-                    " JOIN jsonb_to_recordset(%s::jsonb) AS t(job_id uuid, idx int)"
-                    " ON c.job_id = t.job_id AND c.idx = t.idx"
+                    " JOIN unnest(%s::uuid[], %s::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
                     " WHERE c.worker_id = %s AND c.state = %s",
-                    (wanted, worker_id, ChunkState.RUNNING),
+                    (job_ids, idxs, worker_id, ChunkState.RUNNING),
                 )
                 held = await cur.fetchall()
             if not held:
