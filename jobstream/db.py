@@ -1,4 +1,11 @@
-"""Postgres plumbing: the connection pool every service uses and the schema migrations."""
+"""Postgres plumbing: the connection pool every service uses and the schema migrations.
+
+Statements pass lists as binary parameters (`%b`, an array's SQL unchanged): psycopg's text
+format quotes an array element by element in Python, 3 to 4 times the client CPU of the binary
+format (300 chunk successes: 5.3 ms against 1.4 ms a statement). Passing rows as one JSON
+document instead costs as little, but jsonb_to_recordset is planned as 100 rows, and a cached
+plan of a statement prepared while a table was small then scans the whole table.
+"""
 
 from __future__ import annotations
 

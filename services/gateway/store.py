@@ -28,6 +28,8 @@ from jobstream.states import ChunkState, JobState
 from jobstream.topics import partition_of
 from jobstream.v1 import jobstream_pb2 as pb
 
+# Lists go to Postgres as binary parameters (%b): see jobstream.db.
+
 JOB_COLUMNS = (
     "id, tenant_id, kind, params, options, deadline_at, state, total_chunks, done_chunks, failed_chunks,"
     " progress_message, result, error, last_seq, cancel_requested_at, created_at, started_at, finished_at"
@@ -133,7 +135,7 @@ class JobStore:
             return
         await cur.execute(
             f"SELECT {JOB_COLUMNS}, idempotency_key, request_hash FROM jobs"
-            " WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            " WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
             ([jobs[i].tenant_id for i in keyed], [jobs[i].idempotency_key for i in keyed]),
         )
         found = {(row["tenant_id"], row["idempotency_key"]): row for row in await cur.fetchall()}
@@ -159,7 +161,7 @@ class JobStore:
         if not tenants:
             return
         await cur.execute(
-            "SELECT tenant_id, count(*) AS n FROM jobs WHERE tenant_id = ANY(%s) AND state IN (%s, %s)"
+            "SELECT tenant_id, count(*) AS n FROM jobs WHERE tenant_id = ANY(%b) AND state IN (%s, %s)"
             " GROUP BY tenant_id",
             (tenants, JobState.QUEUED, JobState.RUNNING),
         )
@@ -186,8 +188,8 @@ class JobStore:
             " idempotency_key, request_hash, state, last_seq)"
             " SELECT id, tenant_id, partition, kind, params::jsonb, options::jsonb,"
             " now() + make_interval(secs => deadline), nullif(key, ''), request_hash, %s, 1"
-            " FROM unnest(%s::uuid[], %s::text[], %s::smallint[], %s::text[], %s::text[], %s::text[],"
-            " %s::float8[], %s::text[], %s::bytea[])"
+            " FROM unnest(%b::uuid[], %b::text[], %b::smallint[], %b::text[], %b::text[], %b::text[],"
+            " %b::float8[], %b::text[], %b::bytea[])"
             " AS t(id, tenant_id, partition, kind, params, options, deadline, key, request_hash)"
             " ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
             f" RETURNING {JOB_COLUMNS}",
@@ -319,7 +321,7 @@ class JobStore:
 
     async def last_seqs(self, job_ids: list[uuid.UUID]) -> dict[str, int]:
         async with self._pool.connection() as conn:
-            cur = await conn.execute("SELECT id, last_seq FROM jobs WHERE id = ANY(%s)", (job_ids,))
+            cur = await conn.execute("SELECT id, last_seq FROM jobs WHERE id = ANY(%b)", (job_ids,))
             return {str(row[0]): int(row[1]) for row in await cur.fetchall()}
 
 

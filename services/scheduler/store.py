@@ -18,6 +18,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from jobstream.states import ChunkState, JobState
 
+# Lists go to Postgres as binary parameters (%b): see jobstream.db.
+
 Conn = AsyncConnection[Any]
 
 
@@ -57,7 +59,7 @@ async def take_partitions(conn: Conn, partitions: Sequence[int], owner: str) -> 
     """
     cur = await conn.execute(
         "INSERT INTO partition_owners AS o (partition, epoch, owner)"
-        " SELECT p, 1, %s FROM unnest(%s::smallint[]) AS p ORDER BY p"
+        " SELECT p, 1, %s FROM unnest(%b::smallint[]) AS p ORDER BY p"
         " ON CONFLICT (partition) DO UPDATE SET epoch = o.epoch + 1, owner = excluded.owner, since = now()"
         " RETURNING o.partition, o.epoch",
         (owner, sorted(partitions)),
@@ -116,9 +118,9 @@ async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID], epochs: Mapping[in
             " j.cancel_requested_at IS NOT NULL AS cancel_requested,"
             " extract(epoch FROM j.started_at)::float8 AS started_at"
             " FROM jobs j JOIN partition_owners o ON o.partition = j.partition"
-            " JOIN unnest(%s::smallint[], %s::bigint[]) AS mine(partition, epoch)"
+            " JOIN unnest(%b::smallint[], %b::bigint[]) AS mine(partition, epoch)"
             " ON mine.partition = o.partition AND mine.epoch = o.epoch"
-            " WHERE j.id = ANY(%s) ORDER BY j.id FOR UPDATE OF j FOR SHARE OF o",
+            " WHERE j.id = ANY(%b) ORDER BY j.id FOR UPDATE OF j FOR SHARE OF o",
             (list(epochs), list(epochs.values()), list(job_ids)),
         )
         return [JobRow(**row) for row in await cur.fetchall()]
@@ -135,8 +137,8 @@ async def save_jobs(conn: Conn, jobs: Iterable[JobRow]) -> None:
         " failed_chunks = v.failed_chunks, progress_message = v.progress_message, last_seq = v.last_seq,"
         " result = v.result, error = v.error, started_at = to_timestamp(v.started_at),"
         " finished_at = CASE WHEN v.finished THEN coalesce(j.finished_at, now()) END"
-        " FROM unnest(%s::uuid[], %s::smallint[], %s::int[], %s::int[], %s::int[], %s::text[], %s::bigint[],"
-        " %s::jsonb[], %s::text[], %s::float8[], %s::bool[])"
+        " FROM unnest(%b::uuid[], %b::smallint[], %b::int[], %b::int[], %b::int[], %b::text[], %b::bigint[],"
+        " %b::jsonb[], %b::text[], %b::float8[], %b::bool[])"
         " AS v(id, state, total_chunks, done_chunks, failed_chunks, progress_message, last_seq,"
         " result, error, started_at, finished)"
         " WHERE j.id = v.id",
@@ -168,7 +170,7 @@ async def read_inputs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUI
     """The inputs of the jobs a batch starts, in one query; a job without input is absent."""
     if not job_ids:
         return {}
-    cur = await conn.execute("SELECT job_id, data FROM job_inputs WHERE job_id = ANY(%s)", (list(job_ids),))
+    cur = await conn.execute("SELECT job_id, data FROM job_inputs WHERE job_id = ANY(%b)", (list(job_ids),))
     return {job_id: bytes(data) for job_id, data in await cur.fetchall()}
 
 
@@ -197,7 +199,7 @@ async def pending_chunks(
     else:
         cur = await conn.execute(
             "SELECT c.idx, c.attempt, c.payload, 0::float8 FROM chunks c"
-            " JOIN unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
+            " JOIN unnest(%b::uuid[], %b::int[], %b::int[]) AS t(job_id, idx, attempt)"
             " ON c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt"
             " WHERE c.state = %s ORDER BY c.idx",
             ([job_id] * len(only), [i for i, _ in only], [a for _, a in only], ChunkState.PENDING),
@@ -228,7 +230,7 @@ async def record_successes(conn: Conn, results: Sequence[tuple[uuid.UUID, int, s
     cur = await conn.execute(
         "WITH done AS ("
         "  SELECT c.job_id, c.idx, t.result FROM chunks c"
-        "  JOIN unnest(%s::uuid[], %s::int[], %s::text[]) AS t(job_id, idx, result)"
+        "  JOIN unnest(%b::uuid[], %b::int[], %b::text[]) AS t(job_id, idx, result)"
         "    ON c.job_id = t.job_id AND c.idx = t.idx"
         "  WHERE c.state IN (%s, %s) ORDER BY c.job_id, c.idx FOR UPDATE OF c)"
         " UPDATE chunks c SET state = %s, result = d.result::jsonb, finished_at = now(),"
@@ -310,7 +312,7 @@ async def mark_cancelled(conn: Conn, job_id: uuid.UUID, running_idx: Sequence[in
     else:
         await conn.execute(
             "UPDATE chunks SET state = %s, finished_at = now(), lease_expires_at = NULL"
-            " WHERE job_id = %s AND idx = ANY(%s) AND state = %s",
+            " WHERE job_id = %s AND idx = ANY(%b) AND state = %s",
             (ChunkState.CANCELLED, job_id, list(running_idx), ChunkState.RUNNING),
         )
 
@@ -320,7 +322,7 @@ async def chunk_results(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.U
     if not job_ids:
         return {}
     cur = await conn.execute(
-        "SELECT c.job_id, c.result FROM unnest(%s::uuid[]) AS t(job_id)"
+        "SELECT c.job_id, c.result FROM unnest(%b::uuid[]) AS t(job_id)"
         " JOIN chunks c ON c.job_id = t.job_id WHERE c.state = %s ORDER BY c.job_id, c.idx",
         (list(job_ids), ChunkState.SUCCEEDED),
     )
@@ -336,7 +338,7 @@ async def count_running(pool: AsyncConnectionPool, partitions: Sequence[int]) ->
         cur = await conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE e.created_at < now() - interval '5 minutes')"
             " FROM jobs j JOIN job_events e ON e.job_id = j.id AND e.seq = j.last_seq"
-            " WHERE j.partition = ANY(%s) AND j.state = %s",
+            " WHERE j.partition = ANY(%b) AND j.state = %s",
             (list(partitions), JobState.RUNNING),
         )
         row = await cur.fetchone()

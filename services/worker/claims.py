@@ -18,6 +18,8 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.db import retry_conflicts
 from jobstream.states import ChunkState, JobState
 
+# Lists go to Postgres as binary parameters (%b): see jobstream.db.
+
 ChunkKey = tuple[str, int]
 
 
@@ -36,7 +38,7 @@ async def claim(
             cur = await conn.execute(
                 "WITH wanted AS ("
                 "  SELECT c.job_id, c.idx FROM chunks c"
-                "  JOIN unnest(%s::uuid[], %s::int[], %s::int[]) AS t(job_id, idx, attempt)"
+                "  JOIN unnest(%b::uuid[], %b::int[], %b::int[]) AS t(job_id, idx, attempt)"
                 "    ON c.job_id = t.job_id AND c.idx = t.idx AND c.attempt = t.attempt"
                 "  WHERE c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c)"
                 " UPDATE chunks c SET state = %s, worker_id = %s, claimed_at = now(), claims = claims + 1,"
@@ -96,7 +98,7 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
             cur = await conn.execute(
                 "WITH held AS ("
                 "  SELECT c.job_id, c.idx, t.secs FROM chunks c"
-                "  JOIN unnest(%s::uuid[], %s::int[], %s::float8[]) AS t(job_id, idx, secs)"
+                "  JOIN unnest(%b::uuid[], %b::int[], %b::float8[]) AS t(job_id, idx, secs)"
                 "    ON c.job_id = t.job_id AND c.idx = t.idx"
                 "  WHERE c.worker_id = %s AND c.state = %s ORDER BY c.job_id, c.idx FOR UPDATE OF c SKIP LOCKED)"
                 " UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => h.secs)"
@@ -110,7 +112,7 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
                 # What was skipped is still this worker's if its last committed version says so.
                 cur = await conn.execute(
                     "SELECT c.job_id, c.idx FROM chunks c"
-                    " JOIN unnest(%s::uuid[], %s::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
+                    " JOIN unnest(%b::uuid[], %b::int[]) AS t(job_id, idx) ON c.job_id = t.job_id AND c.idx = t.idx"
                     " WHERE c.worker_id = %s AND c.state = %s",
                     (job_ids, idxs, worker_id, ChunkState.RUNNING),
                 )
@@ -118,7 +120,7 @@ async def heartbeat(pool: AsyncConnectionPool, leases: Mapping[ChunkKey, float],
             if not held:
                 return extended, held, set()
             cur = await conn.execute(
-                "SELECT id FROM jobs WHERE id = ANY(%s) AND (cancel_requested_at IS NOT NULL OR state NOT IN (%s, %s))",
+                "SELECT id FROM jobs WHERE id = ANY(%b) AND (cancel_requested_at IS NOT NULL OR state NOT IN (%s, %s))",
                 (list({job_id for job_id, _ in held}), JobState.QUEUED, JobState.RUNNING),
             )
             return extended, held, {row[0] for row in await cur.fetchall()}
