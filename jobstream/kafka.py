@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -25,6 +25,7 @@ from jobstream.config import Settings
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 PARTITION_CHECK_SECONDS = 5.0
 # Clients refresh metadata this often. Group members notice a topic whose partitions changed (a
@@ -68,23 +69,38 @@ def make_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer
     )
 
 
-async def send_to(
-    producer: AIOKafkaProducer, topic: str, partition: int, key: bytes, value: bytes
-) -> asyncio.Future[Any]:
-    """Queues a message for a named partition; returns the future of its acknowledgement.
+Outgoing = tuple[str, int, bytes, bytes]  # topic, partition, key, value
+
+
+async def send_all(producer: AIOKafkaProducer, messages: Sequence[Outgoing]) -> list[asyncio.Future[Any]]:
+    """Queues messages for named partitions; returns the futures of their acknowledgements.
 
     aiokafka checks a named partition against its metadata with a bare assert. A broker that lost
     its data can list a topic with fewer partitions for a while (a producer's send re-creates it
     at the broker's default count, until ensure_topics makes it right): that is the broker not
     being ready, so it raises the retriable UnknownTopicOrPartitionError, after asking for fresh
-    metadata, and the caller retries as for any broker error.
+    metadata, before queueing anything. Each topic is checked once, not once a message.
     """
-    known = await producer.partitions_for(topic)
-    if partition not in known:
-        producer.client.force_metadata_update()
-        raise UnknownTopicOrPartitionError(f"{topic} has {len(known)} partitions, not partition {partition}")
-    future: asyncio.Future[Any] = await producer.send(topic, value=value, key=key, partition=partition)
-    return future
+    for topic in {t for t, _, _, _ in messages}:
+        known = await producer.partitions_for(topic)
+        missing = sorted({p for t, p, _, _ in messages if t == topic} - known)
+        if missing:
+            producer.client.force_metadata_update()
+            raise UnknownTopicOrPartitionError(f"{topic} has {len(known)} partitions, not partition {missing[0]}")
+    return [await producer.send(t, value=v, key=k, partition=p) for t, p, k, v in messages]
+
+
+async def retry_broker_errors(attempt: Callable[[], Awaitable[T]], what: str) -> T:
+    """Runs `attempt` until the broker lets it through, backing off from 0.2 s up to 5 s: for work
+    whose outcome Postgres already holds, and whose consumers count a repeat once."""
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()
+        except KafkaError as err:
+            log.warning("%s failed (%s); retrying in %.1fs", what, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def make_group_consumer(

@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from jobstream.embedded.broker import EmbeddedBroker
-from jobstream.kafka import send_to
+from jobstream.kafka import send_all
 from tests.helpers import wait_for
 
 TOPIC = "probe.named"
@@ -57,7 +57,7 @@ async def test_a_partition_the_topic_lacks_is_a_retriable_broker_error_until_the
     await admin.create_topics([NewTopic(TOPIC, num_partitions=4, replication_factor=1)])
 
     with pytest.raises(KafkaError, match="has 4 partitions, not partition 7"):
-        await send_to(producer, TOPIC, 7, b"key", b"early")
+        await send_all(producer, [(TOPIC, 7, b"key", b"early")])
     # The metadata request it asked for names the topic, and the broker creates a topic it is asked
     # about: let it land before the topic is re-created, or it re-creates the old one.
     await producer.client.force_metadata_update()
@@ -67,7 +67,8 @@ async def test_a_partition_the_topic_lacks_is_a_retriable_broker_error_until_the
 
     async def sent() -> bool:
         try:
-            await (await send_to(producer, TOPIC, 7, b"key", b"on time"))
+            (sent_future,) = await send_all(producer, [(TOPIC, 7, b"key", b"on time")])
+            await sent_future
         except KafkaError:
             return False
         return True
@@ -81,6 +82,7 @@ async def test_a_named_partition_gets_the_message(
 ) -> None:
     await admin.create_topics([NewTopic(TOPIC, num_partitions=4, replication_factor=1)])
 
-    await (await send_to(producer, TOPIC, 2, b"key", b"hello"))
+    (sent_future,) = await send_all(producer, [(TOPIC, 2, b"key", b"hello")])
+    await sent_future
 
     assert await _read_one(broker, 2) == b"hello"

@@ -25,11 +25,11 @@ from jobstream import topics
 from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
 from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, retry_conflicts
-from jobstream.kafka import GroupMember, decode, rewind_to_committed
+from jobstream.kafka import GroupMember, Outgoing, decode, rewind_to_committed
 from jobstream.service import essential
 from services.scheduler import metrics, store
 from services.scheduler.machine import JobMachine, JobWork, Outbound
-from services.scheduler.publisher import Message, Publisher
+from services.scheduler.publisher import Publisher
 from services.scheduler.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -279,10 +279,10 @@ class Scheduler:
                 log.warning("counting running jobs failed: %s", err)
             await asyncio.sleep(every_s)
 
-    def _messages(self, out: Outbound) -> list[Message]:
+    def _messages(self, out: Outbound) -> list[Outgoing]:
         topic = self._settings.topic
         chunk_partitions, job_partitions = self._settings.chunk_partitions, self._settings.job_partitions
-        messages: list[Message] = [
+        messages: list[Outgoing] = [
             (
                 topic(topics.CHUNKS),
                 topics.chunk_partition(t.job_id, t.chunk_index, t.attempt, chunk_partitions),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from jobstream.kafka import send_to
+from jobstream.kafka import Outgoing, retry_broker_errors, send_all
 from services.scheduler import metrics
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,10 @@ PUBLISH_SLICE = 5000
 # Recorded batches waiting to be announced before the batch loop waits for the broker.
 MAX_PENDING = 8
 
-Message = tuple[str, int, bytes, bytes]  # topic, partition, key, value
-
 
 @dataclass
 class _Batch:
-    messages: list[Message]
+    messages: list[Outgoing]
     offsets: dict[TopicPartition, int]
     consumer: AIOKafkaConsumer | None
 
@@ -47,7 +45,7 @@ class Publisher:
         self._consumer = consumer
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue(MAX_PENDING)
 
-    async def put(self, messages: list[Message], offsets: dict[TopicPartition, int] | None = None) -> None:
+    async def put(self, messages: list[Outgoing], offsets: dict[TopicPartition, int] | None = None) -> None:
         """Queues a recorded batch: its messages, then (once they are acknowledged) the next offset
         to read on each partition it came from. Waits while MAX_PENDING batches are queued."""
         if not messages and not offsets:
@@ -74,18 +72,12 @@ class Publisher:
             finally:
                 self._queue.task_done()
 
-    async def _send(self, messages: list[Message]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                futures = [await send_to(self._producer, t, p, k, v) for t, p, k, v in messages]
-                await asyncio.gather(*futures)
-                return
-            except KafkaError as err:
-                # Postgres already holds the outcome; only the announcement waits for the broker.
-                log.warning("publishing %d messages failed (%s); retrying in %.1fs", len(messages), err, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _send(self, messages: list[Outgoing]) -> None:
+        # Postgres already holds the outcome; only the announcement waits for the broker.
+        async def attempt() -> None:
+            await asyncio.gather(*await send_all(self._producer, messages))
+
+        await retry_broker_errors(attempt, f"publishing {len(messages)} messages")
 
     async def _commit(self, batch: _Batch) -> None:
         consumer = self._consumer()

@@ -31,8 +31,9 @@ from jobstream.kafka import (
     decode,
     follow_partition_changes,
     make_broadcast_consumer,
+    retry_broker_errors,
     rewind_to_committed,
-    send_to,
+    send_all,
 )
 from jobstream.service import essential
 from services.worker import claims, metrics
@@ -160,25 +161,14 @@ class Worker:
         """Queues the report, retrying while the broker is not ready for it: a report lost here
         would leave its chunk held until its lease ran out. The scheduler counts a report once,
         however often it arrives."""
-        topic = self._settings.topic(topics.PROGRESS)
-        partition = topics.partition_of(report.job_id, self._settings.job_partitions)
-        value, key = report.SerializeToString(), report.job_id.encode()
-        delay = 0.2
-        while True:
-            try:
-                await send_to(self._producer, topic, partition, key, value)
-                return
-            except KafkaError as err:
-                log.warning(
-                    "job %s chunk %d attempt %d: sending its report failed (%s); retrying in %.1fs",
-                    report.job_id,
-                    report.chunk_index,
-                    report.attempt,
-                    err,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        message = (
+            self._settings.topic(topics.PROGRESS),
+            topics.partition_of(report.job_id, self._settings.job_partitions),
+            report.job_id.encode(),
+            report.SerializeToString(),
+        )
+        what = f"job {report.job_id} chunk {report.chunk_index} attempt {report.attempt}: sending its report"
+        await retry_broker_errors(lambda: send_all(self._producer, [message]), what)
 
     async def _listen_control(self) -> None:
         while True:
