@@ -99,7 +99,7 @@ class JobMachine:
             if j.state == JobState.RUNNING
             and j.done_chunks + j.failed_chunks + len(self._counted.get(j.id, ())) >= j.total_chunks
         ]
-        self._results = {j: [] for j in completing} | await store.chunk_results(conn, completing)
+        self._results = await store.chunk_results(conn, completing)
 
     async def flush_chunks(self, conn: Conn) -> None:
         """Writes the chunk rows of the jobs started so far; before anything else touches their chunks."""
@@ -326,7 +326,7 @@ class JobMachine:
         try:
             results = self._results.pop(job.id, None)
             if results is None:
-                results = (await store.chunk_results(conn, [job.id])).get(job.id, [])
+                results = (await store.chunk_results(conn, [job.id]))[job.id]
             result = get_kind(job.kind).merge(job.params, results)
         except Exception as err:
             log.warning("job %s: merge failed: %s", job.id, err)

@@ -318,17 +318,17 @@ async def mark_cancelled(conn: Conn, job_id: uuid.UUID, running_idx: Sequence[in
 
 
 async def chunk_results(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Any]]:
-    """The results of the jobs' succeeded chunks, in chunk order; a job with none is left out."""
+    """The results of each job's succeeded chunks, in chunk order (a job with none gets [])."""
+    results: dict[uuid.UUID, list[Any]] = {job_id: [] for job_id in job_ids}
     if not job_ids:
-        return {}
+        return results
     cur = await conn.execute(
         "SELECT c.job_id, c.result FROM unnest(%b::uuid[]) AS t(job_id)"
         " JOIN chunks c ON c.job_id = t.job_id WHERE c.state = %s ORDER BY c.job_id, c.idx",
         (list(job_ids), ChunkState.SUCCEEDED),
     )
-    results: dict[uuid.UUID, list[Any]] = {}
     for job_id, result in await cur.fetchall():
-        results.setdefault(job_id, []).append(result)
+        results[job_id].append(result)
     return results
 
 
