@@ -44,6 +44,14 @@ class _Slots(asyncio.Semaphore):
         return got
 
 
+async def _holding_a_slot(slots: _Slots, reports: list[bus_pb2.ChunkReport]) -> tuple[ChunkRun, asyncio.Task[None]]:
+    """A minute-long run, started, once it has taken its slot; and its task."""
+    run = _run(60_000, slots, reports)
+    run.asyncio_task = task = asyncio.create_task(run.run())
+    await asyncio.wait_for(slots.taken.wait(), 5)
+    return run, task
+
+
 async def test_a_run_that_ends_on_its_own_tells_how_long_it_ran() -> None:
     reports: list[bus_pb2.ChunkReport] = []
     run = _run(0, _Slots(), reports)
@@ -54,12 +62,9 @@ async def test_a_run_that_ends_on_its_own_tells_how_long_it_ran() -> None:
 
 async def test_a_run_cut_short_by_cancel_tells_nothing_of_how_long_chunks_take() -> None:
     reports: list[bus_pb2.ChunkReport] = []
-    slots = _Slots()
-    run = _run(60_000, slots, reports)
-    run.asyncio_task = asyncio.create_task(run.run())
-    await asyncio.wait_for(slots.taken.wait(), 5)
+    run, task = await _holding_a_slot(_Slots(), reports)
     run.cancel()
-    await asyncio.wait_for(run.asyncio_task, 5)
+    await asyncio.wait_for(task, 5)
     assert run.ran_s is None
     assert reports[-1].type == bus_pb2.CHUNK_CANCELLED
 
@@ -67,9 +72,7 @@ async def test_a_run_cut_short_by_cancel_tells_nothing_of_how_long_chunks_take()
 async def test_a_chunk_waiting_for_a_slot_is_cancelled_without_running() -> None:
     reports: list[bus_pb2.ChunkReport] = []
     slots = _Slots()
-    busy = _run(60_000, slots, reports)
-    busy.asyncio_task = asyncio.create_task(busy.run())
-    await asyncio.wait_for(slots.taken.wait(), 5)
+    busy, busy_task = await _holding_a_slot(slots, reports)
     slots.asked.clear()
     waiting = _run(0, slots, reports)
     waiting.asyncio_task = asyncio.create_task(waiting.run())
@@ -79,4 +82,4 @@ async def test_a_chunk_waiting_for_a_slot_is_cancelled_without_running() -> None
     assert not waiting.started and waiting.ran_s is None
     assert [r.type for r in reports] == [bus_pb2.CHUNK_CANCELLED]
     busy.abandon()
-    await asyncio.gather(busy.asyncio_task, return_exceptions=True)
+    await asyncio.gather(busy_task, return_exceptions=True)
