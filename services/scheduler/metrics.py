@@ -22,7 +22,8 @@ JOBS_STALLED = Gauge("jobstream_jobs_stalled", "Running jobs owned by this sched
 BATCH_PHASE = Histogram(
     "jobstream_scheduler_batch_phase_seconds",
     "Time one scheduler batch spends in each phase: waiting for messages, the Postgres transaction, "
-    "publishing what it decided, committing offsets. Their sum is what an event waits in the scheduler.",
+    "waiting behind earlier batches to be announced (queued), publishing what it decided, committing "
+    "offsets. Their sum is what an event waits in the scheduler.",
     ["phase"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
@@ -30,6 +31,12 @@ BATCH_MESSAGES = Histogram(
     "jobstream_scheduler_batch_messages",
     "Messages consumed per scheduler batch.",
     buckets=(1, 5, 10, 50, 100, 500, 1000, 2000),
+)
+PUBLISHED_BATCHES = Histogram(
+    "jobstream_scheduler_published_batches",
+    "Recorded batches announced together in one send: more than one means batches queued while the "
+    "broker acknowledged the ones before.",
+    buckets=(1, 2, 4, 8),
 )
 FENCED_JOBS = Counter(
     "jobstream_scheduler_fenced_jobs_total",

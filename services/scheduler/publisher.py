@@ -7,6 +7,13 @@ in the order they were recorded, and a batch's offsets are committed only after 
 were acknowledged, so a crash still replays every batch whose announcement might be lost, and
 replaying is harmless (Postgres decides what counts). A bounded queue keeps a slow broker from
 letting recorded batches pile up in memory.
+
+Every batch that queued while one was being announced goes out with the next in one send:
+announcing them one by one cost a produce round trip each, and under load the queue grew until
+events waited there longer than everywhere else together. Offsets are committed at most every
+COMMIT_EVERY_S, not after every batch (a commit per batch was a broker request per batch, forty a
+second under load): what a crash or a rebalance replays grows by that much, and replaying is
+harmless. drain() commits at once.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 PUBLISH_SLICE = 5000
 # Recorded batches waiting to be announced before the batch loop waits for the broker.
 MAX_PENDING = 8
+# How long acknowledged offsets may wait to be committed.
+COMMIT_EVERY_S = 0.25
 
 
 @dataclass
@@ -37,6 +46,7 @@ class _Batch:
     messages: list[Outgoing]
     offsets: dict[TopicPartition, int]
     consumer: AIOKafkaConsumer | None
+    queued_at: float
 
 
 class Publisher:
@@ -44,6 +54,11 @@ class Publisher:
         self._producer = producer
         self._consumer = consumer
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue(MAX_PENDING)
+        # Offsets whose batches were announced and not yet committed, read by that consumer.
+        self._acked: dict[TopicPartition, int] = {}
+        self._acked_by: AIOKafkaConsumer | None = None
+        self._next_commit = 0.0
+        self._committing = asyncio.Lock()
 
     async def put(self, messages: list[Outgoing], offsets: dict[TopicPartition, int] | None = None) -> None:
         """Queues a recorded batch: its messages, then (once they are acknowledged) the next offset
@@ -51,26 +66,53 @@ class Publisher:
         if not messages and not offsets:
             return
         consumer = self._consumer() if offsets else None
-        await self._queue.put(_Batch(messages, offsets or {}, consumer))
+        await self._queue.put(_Batch(messages, offsets or {}, consumer, time.monotonic()))
 
     async def drain(self) -> None:
         """Returns once every queued batch is announced and its offsets committed (or refused)."""
         await self._queue.join()
+        await self._commit()
 
     async def run(self) -> None:
         while True:
-            batch = await self._queue.get()
             try:
-                started = time.monotonic()
-                for start in range(0, len(batch.messages), PUBLISH_SLICE):
-                    await self._send(batch.messages[start : start + PUBLISH_SLICE])
-                metrics.BATCH_PHASE.labels(phase="publish").observe(time.monotonic() - started)
-                if batch.offsets:
-                    started = time.monotonic()
-                    await self._commit(batch)
-                    metrics.BATCH_PHASE.labels(phase="commit").observe(time.monotonic() - started)
+                first = await asyncio.wait_for(self._queue.get(), self._until_commit())
+            except TimeoutError:
+                await self._commit()
+                continue
+            batches = [first]
+            while not self._queue.empty():
+                batches.append(self._queue.get_nowait())
+            try:
+                await self._announce(batches)
             finally:
-                self._queue.task_done()
+                for _ in batches:
+                    self._queue.task_done()
+
+    async def _announce(self, batches: list[_Batch]) -> None:
+        """Sends the batches' messages in the order they were recorded, then commits the furthest
+        offset each partition reached (later batches read further)."""
+        messages = [m for batch in batches for m in batch.messages]
+        started = time.monotonic()
+        for batch in batches:
+            metrics.BATCH_PHASE.labels(phase="queued").observe(started - batch.queued_at)
+        for start in range(0, len(messages), PUBLISH_SLICE):
+            await self._send(messages[start : start + PUBLISH_SLICE])
+        metrics.BATCH_PHASE.labels(phase="publish").observe(time.monotonic() - started)
+        metrics.PUBLISHED_BATCHES.observe(len(batches))
+        for batch in batches:
+            if batch.consumer is not None:
+                if batch.consumer is not self._acked_by:
+                    # The group was joined again (the broker came back empty): offsets read before
+                    # name positions in topics that no longer exist, and committing them would skip
+                    # messages.
+                    self._acked, self._acked_by = {}, batch.consumer
+                self._acked.update(batch.offsets)  # later batches read further
+        if time.monotonic() >= self._next_commit:
+            await self._commit()
+
+    def _until_commit(self) -> float | None:
+        return max(0.0, self._next_commit - time.monotonic()) if self._acked else None
 
     async def _send(self, messages: list[Outgoing]) -> None:
         # Postgres already holds the outcome; only the announcement waits for the broker.
@@ -79,21 +121,24 @@ class Publisher:
 
         await retry_broker_errors(attempt, f"publishing {len(messages)} messages")
 
-    async def _commit(self, batch: _Batch) -> None:
-        consumer = self._consumer()
-        if batch.consumer is None or consumer is not batch.consumer:
-            # The group was joined again (the broker came back empty): these offsets name
-            # positions in topics that no longer exist, and committing them would skip messages.
-            return
-        owned = consumer.assignment()
-        offsets = {tp: offset for tp, offset in batch.offsets.items() if tp in owned}
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except CommitFailedError as err:
-            # The partitions moved while we worked; the new owner replays them idempotently.
-            log.warning("offset commit refused after a rebalance: %s", err)
-        except KafkaError as err:
-            # The next batch's commit covers these offsets; a crash before then replays them.
-            log.warning("offset commit failed: %s", err)
+    async def _commit(self) -> None:
+        async with self._committing:
+            consumer = self._consumer()
+            acked, self._acked = self._acked, {}
+            self._next_commit = time.monotonic() + COMMIT_EVERY_S
+            if consumer is not self._acked_by or consumer is None:
+                return
+            owned = consumer.assignment()
+            offsets = {tp: offset for tp, offset in acked.items() if tp in owned}
+            if not offsets:
+                return
+            started = time.monotonic()
+            try:
+                await consumer.commit(offsets)
+            except CommitFailedError as err:
+                # The partitions moved while we worked; the new owner replays them idempotently.
+                log.warning("offset commit refused after a rebalance: %s", err)
+            except KafkaError as err:
+                # The next commit covers these offsets; a crash before then replays them.
+                log.warning("offset commit failed: %s", err)
+            metrics.BATCH_PHASE.labels(phase="commit").observe(time.monotonic() - started)
