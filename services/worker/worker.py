@@ -136,11 +136,12 @@ class Worker:
                 await rewind_to_committed(self._member.consumer)
                 await asyncio.sleep(DATABASE_RETRY_SECONDS)
                 continue
-            with contextlib.suppress(KafkaError):
-                await self._member.consumer.commit()
             for task in wanted:
                 if (task.job_id, task.chunk_index) in held:
                     self._start(task, claimed_from + self._settings.lease_seconds)
+            # After the starts, so no chunk waits for the broker: Postgres already holds the claims.
+            with contextlib.suppress(KafkaError):
+                await self._member.consumer.commit()
 
     def _start(self, task: bus_pb2.ChunkTask, lease_until: float) -> None:
         run = ChunkRun(task, self._settings.worker_id, self._send_report, self._slots)
