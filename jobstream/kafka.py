@@ -104,7 +104,11 @@ async def retry_broker_errors(attempt: Callable[[], Awaitable[T]], what: str) ->
 
 
 def make_group_consumer(
-    settings: Settings, group: str, topics: Iterable[str], listener: ConsumerRebalanceListener | None = None
+    settings: Settings,
+    group: str,
+    topics: Iterable[str],
+    listener: ConsumerRebalanceListener | None = None,
+    fetch_wait_ms: int | None = None,
 ) -> AIOKafkaConsumer:
     """A member of a consumer group that commits offsets itself, after the work is recorded."""
     consumer: AIOKafkaConsumer
@@ -113,7 +117,7 @@ def make_group_consumer(
         group_id=settings.group(group),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
+        fetch_max_wait_ms=settings.kafka_fetch_wait_ms if fetch_wait_ms is None else fetch_wait_ms,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
         max_poll_interval_ms=300_000,
@@ -204,16 +208,22 @@ class GroupMember:
     """
 
     def __init__(
-        self, settings: Settings, group: str, topics: Iterable[str], listener: ConsumerRebalanceListener | None = None
+        self,
+        settings: Settings,
+        group: str,
+        topics: Iterable[str],
+        listener: ConsumerRebalanceListener | None = None,
+        fetch_wait_ms: int | None = None,
     ) -> None:
         self._settings = settings
         self._group = group
         self._topics = list(topics)
         self._listener = listener
+        self._fetch_wait_ms = fetch_wait_ms
         self.consumer = self._make()
 
     def _make(self) -> AIOKafkaConsumer:
-        return make_group_consumer(self._settings, self._group, self._topics, self._listener)
+        return make_group_consumer(self._settings, self._group, self._topics, self._listener, self._fetch_wait_ms)
 
     async def start(self) -> None:
         await self.consumer.start()

@@ -19,7 +19,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     pool = await open_pool(settings, name="worker", min_size=1)
     producer = make_producer(settings)
     await producer.start()
-    member = GroupMember(settings, "workers", [topics.CHUNKS])
+    member = GroupMember(settings, "workers", [topics.CHUNKS], fetch_wait_ms=settings.kafka_chunk_fetch_wait_ms)
     await member.start()
     log.info("worker %s started (concurrency %d)", settings.worker_id, settings.worker_concurrency)
     watch_pool(pool)
