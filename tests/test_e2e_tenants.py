@@ -4,6 +4,7 @@ and a revoked key is refused from its next call on."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -190,3 +191,28 @@ async def test_the_cli_uses_the_local_dev_token_when_no_key_is_given(stack: Stac
     (tmp_path / ".jobstream" / DEV_TOKEN_FILE).write_text(stack.token + "\n")
     listed = await run_cli(stack, "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
+
+
+async def test_reads_made_together_each_get_their_own_answer(acme: Client, globex: Client) -> None:
+    """GetJob and Watch of many jobs at once (a burst of clients reconnecting) are read in shared
+    statements: each call still gets its own job, its own events, or NOT_FOUND."""
+    jobs = [
+        (await acme.Submit(pb.SubmitRequest(kind="demo.sleep", params=params(chunks=2, ms=0)))).job for _ in range(6)
+    ]
+    full = {job.id: await watch_all(acme, job.id) for job in jobs}
+
+    async def resumed(job_id: str, after: int) -> list[tuple[str, int]]:
+        return [(e.job_id, e.seq) async for e in acme.Watch(pb.WatchRequest(job_id=job_id, after_seq=after))]
+
+    mine = [acme.GetJob(pb.GetJobRequest(job_id=job.id)) for job in jobs]
+    theirs = [_status(globex.GetJob(pb.GetJobRequest(job_id=job.id))) for job in jobs]
+    streams = [resumed(job.id, i % len(full[job.id])) for i, job in enumerate(jobs)]
+    found, refused, replayed = await asyncio.gather(
+        asyncio.gather(*mine), asyncio.gather(*theirs), asyncio.gather(*streams)
+    )
+
+    assert [j.id for j in found] == [job.id for job in jobs]
+    assert [status for status, _ in refused] == [grpc.StatusCode.NOT_FOUND] * 6
+    for i, (job, events) in enumerate(zip(jobs, replayed, strict=True)):
+        after = i % len(full[job.id])
+        assert events == [(job.id, e.seq) for e in full[job.id][after:]], job.id

@@ -73,6 +73,11 @@ class JobStore:
         self._max_unfinished = max_unfinished  # per tenant; 0 = no limit
         self._creates: Coalescer[NewJob, Created] = Coalescer(self.create_many)
         self._tenants: Coalescer[str, str] = Coalescer(self._tenants_batch)
+        # Every Watch starts with reading its job and then the job's stored events: a burst of
+        # new streams (clients reconnecting after a gateway restart) reads them in a few
+        # statements instead of two each.
+        self._jobs: Coalescer[tuple[str, uuid.UUID], JobRow] = Coalescer(self._jobs_batch)
+        self._events: Coalescer[tuple[uuid.UUID, int], list[bytes]] = Coalescer(self._events_batch, max_batch=100)
 
     async def create(self, job: NewJob) -> Created:
         """Stores the job with its first event and its outbox message; returns (row, created).
@@ -236,12 +241,17 @@ class JobStore:
                     await copy.write_row(row)
 
     async def get(self, tenant_id: str, job_id: uuid.UUID) -> JobRow:
+        return await self._jobs((tenant_id, job_id))
+
+    async def _jobs_batch(self, keys: list[tuple[str, uuid.UUID]]) -> list[JobRow | Exception]:
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s AND tenant_id = %s", (job_id, tenant_id))
-            row: JobRow | None = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"job {job_id} not found")
-        return row
+            await cur.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs"
+                " WHERE (id, tenant_id) IN (SELECT * FROM unnest(%b::uuid[], %b::text[]))",
+                ([job_id for _, job_id in keys], [tenant for tenant, _ in keys]),
+            )
+            found = {(row["tenant_id"], row["id"]): row for row in await cur.fetchall()}
+        return [found.get(key) or NotFound(f"job {key[1]} not found") for key in keys]
 
     async def request_cancel(self, tenant_id: str, job_id: uuid.UUID, reason: str) -> JobRow:
         """Records the cancel and marks every pending chunk cancelled, in one transaction.
@@ -311,13 +321,23 @@ class JobStore:
         rows = rows[:page_size]
         return rows, encode_page_token(rows[-1]["created_at"], rows[-1]["id"])
 
-    async def events_after(self, job_id: uuid.UUID, after_seq: int, limit: int = EVENTS_PAGE) -> list[bytes]:
+    async def events_after(self, job_id: uuid.UUID, after_seq: int) -> list[bytes]:
+        """The job's stored events after `after_seq`, at most EVENTS_PAGE of them."""
+        return await self._events((job_id, after_seq))
+
+    async def _events_batch(self, keys: list[tuple[uuid.UUID, int]]) -> list[list[bytes] | Exception]:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT event FROM job_events WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (job_id, after_seq, limit),
+                "SELECT w.i, e.event FROM unnest(%b::uuid[], %b::int8[]) WITH ORDINALITY AS w(job_id, after_seq, i)"
+                " CROSS JOIN LATERAL (SELECT seq, event FROM job_events"
+                "   WHERE job_id = w.job_id AND seq > w.after_seq ORDER BY seq LIMIT %s) e"
+                " ORDER BY w.i, e.seq",
+                ([job_id for job_id, _ in keys], [after for _, after in keys], EVENTS_PAGE),
             )
-            return [bytes(row[0]) for row in await cur.fetchall()]
+            pages: list[list[bytes]] = [[] for _ in keys]
+            for i, event in await cur.fetchall():
+                pages[i - 1].append(bytes(event))
+        return [*pages]
 
     async def last_seqs(self, job_ids: list[uuid.UUID]) -> dict[str, int]:
         async with self._pool.connection() as conn:
