@@ -90,8 +90,8 @@ class Publisher:
                     self._queue.task_done()
 
     async def _announce(self, batches: list[_Batch]) -> None:
-        """Sends the batches' messages in the order they were recorded, then commits the furthest
-        offset each partition reached (later batches read further)."""
+        """Sends the batches' messages in the order they were recorded, then keeps their offsets for
+        the next commit (and makes it, when it is due)."""
         messages = [m for batch in batches for m in batch.messages]
         started = time.monotonic()
         for batch in batches:
@@ -126,7 +126,7 @@ class Publisher:
             consumer = self._consumer()
             acked, self._acked = self._acked, {}
             self._next_commit = time.monotonic() + COMMIT_EVERY_S
-            if consumer is not self._acked_by or consumer is None:
+            if self._acked_by is None or consumer is not self._acked_by:
                 return
             owned = consumer.assignment()
             offsets = {tp: offset for tp, offset in acked.items() if tp in owned}
