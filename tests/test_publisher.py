@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from jobstream.embedded.broker import EmbeddedBroker
-from services.scheduler import metrics, publisher
+from services.scheduler import metrics
 from services.scheduler.publisher import Publisher
 from tests.helpers import wait_for
 
@@ -60,9 +60,16 @@ async def _read_all(broker: EmbeddedBroker, expected: int) -> list[bytes]:
         reader.assign([OUT])
         await reader.seek_to_beginning(OUT)
         values: list[bytes] = []
-        while len(values) < expected:
-            batch = await asyncio.wait_for(reader.getmany(OUT, timeout_ms=1000), 10)
-            values += [bytes(r.value or b"") for r in batch.get(OUT, [])]
+
+        async def read_enough() -> None:
+            while len(values) < expected:
+                batch = await reader.getmany(OUT, timeout_ms=1000)
+                values.extend(bytes(r.value or b"") for r in batch.get(OUT, []))
+
+        try:
+            await asyncio.wait_for(read_enough(), 10)
+        except TimeoutError:
+            raise AssertionError(f"read {values} from {OUT.topic}, expected {expected} messages") from None
         return values
     finally:
         await reader.stop()
@@ -75,11 +82,11 @@ def _published_batches() -> tuple[float, float]:
 
 
 async def test_batches_queued_behind_one_go_out_together_in_order_and_drain_commits_them(
-    broker: EmbeddedBroker, clients: tuple[AIOKafkaProducer, AIOKafkaConsumer], monkeypatch: pytest.MonkeyPatch
+    broker: EmbeddedBroker, clients: tuple[AIOKafkaProducer, AIOKafkaConsumer]
 ) -> None:
     producer, consumer = clients
-    monkeypatch.setattr(publisher, "COMMIT_EVERY_S", 3600.0)  # only the first announcement and drain() commit
-    publishing = Publisher(producer, lambda: consumer)
+    # Only the first announcement (nothing committed yet) and drain() commit.
+    publishing = Publisher(producer, lambda: consumer, commit_every_s=3600.0)
     # Recorded while nothing announced them: they queue, as behind a slow acknowledgement.
     for n, offset in ((1, 10), (2, 20), (3, 30)):
         messages = [(OUT.topic, OUT.partition, b"job", f"{n}.{i}".encode()) for i in range(2)]
@@ -96,6 +103,12 @@ async def test_batches_queued_behind_one_go_out_together_in_order_and_drain_comm
 
         # Due in an hour: announced, and not committed until drain().
         await publishing.put([(OUT.topic, OUT.partition, b"job", b"4.0")], {IN: 40})
+
+        async def announced_again() -> bool:
+            return _published_batches()[0] - before[0] == 2
+
+        # The announcement decides about the commit without waiting once its metric is observed.
+        await wait_for(announced_again, within=10, what="the fourth batch announced")
         assert await _read_all(broker, 7) == [b"1.0", b"1.1", b"2.0", b"2.1", b"3.0", b"3.1", b"4.0"]
         assert await consumer.committed(IN) == 30
         await publishing.drain()
@@ -103,16 +116,21 @@ async def test_batches_queued_behind_one_go_out_together_in_order_and_drain_comm
 
 
 async def test_acknowledged_offsets_are_committed_when_due_without_more_batches(
-    clients: tuple[AIOKafkaProducer, AIOKafkaConsumer], monkeypatch: pytest.MonkeyPatch
+    clients: tuple[AIOKafkaProducer, AIOKafkaConsumer],
 ) -> None:
     producer, consumer = clients
-    monkeypatch.setattr(publisher, "COMMIT_EVERY_S", 0.2)
-    publishing = Publisher(producer, lambda: consumer)
+    publishing = Publisher(producer, lambda: consumer, commit_every_s=1.0)
+
+    def committed(offset: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return bool(await consumer.committed(IN) == offset)
+
+        return check
+
     async with running(publishing):
         await publishing.put([(OUT.topic, OUT.partition, b"job", b"1")], {IN: 5})
+        # Nothing was committed yet, so the first announcement commits at once...
+        await wait_for(committed(5), within=10, what="the first announcement's commit")
+        # ...and the next, a moment later, is not due: only the timer can commit it, no batch follows.
         await publishing.put([], {IN: 7})
-
-        async def committed() -> bool:
-            return bool(await consumer.committed(IN) == 7)
-
-        await wait_for(committed, within=10, what="the offsets committed by the publisher's timer")
+        await wait_for(committed(7), within=10, what="the offsets committed by the publisher's timer")

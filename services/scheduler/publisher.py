@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PUBLISH_SLICE = 5000
 # Recorded batches waiting to be announced before the batch loop waits for the broker.
 MAX_PENDING = 8
-# How long acknowledged offsets may wait to be committed.
+# How long acknowledged offsets may wait to be committed, by default.
 COMMIT_EVERY_S = 0.25
 
 
@@ -50,9 +50,15 @@ class _Batch:
 
 
 class Publisher:
-    def __init__(self, producer: AIOKafkaProducer, consumer: Callable[[], AIOKafkaConsumer]) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        consumer: Callable[[], AIOKafkaConsumer],
+        commit_every_s: float = COMMIT_EVERY_S,
+    ) -> None:
         self._producer = producer
         self._consumer = consumer
+        self._commit_every_s = commit_every_s
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue(MAX_PENDING)
         # Offsets whose batches were announced and not yet committed, read by that consumer.
         self._acked: dict[TopicPartition, int] = {}
@@ -125,7 +131,7 @@ class Publisher:
         async with self._committing:
             consumer = self._consumer()
             acked, self._acked = self._acked, {}
-            self._next_commit = time.monotonic() + COMMIT_EVERY_S
+            self._next_commit = time.monotonic() + self._commit_every_s
             if self._acked_by is None or consumer is not self._acked_by:
                 return
             owned = consumer.assignment()
