@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf import struct_pb2
 
 from jobstream import api_keys
@@ -32,6 +33,7 @@ __all__ = [
     "http_get",
     "new_tenant",
     "params",
+    "read_partition",
     "read_rest",
     "run_cli",
     "scrape",
@@ -162,6 +164,30 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], within: float = 30,
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def read_partition(bootstrap: str, topic: str, partition: int, count: int, within: float = 10) -> list[bytes]:
+    """The first `count` values of one partition, read from its start by a consumer of its own;
+    fails with what it did read after `within` seconds."""
+    tp = TopicPartition(topic, partition)
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=50)
+    await reader.start()
+    values: list[bytes] = []
+    try:
+        reader.assign([tp])
+        await reader.seek_to_beginning(tp)
+
+        async def read_enough() -> None:
+            while len(values) < count:
+                batch = await reader.getmany(tp, timeout_ms=1000)
+                values.extend(bytes(r.value or b"") for r in batch.get(tp, []))
+
+        await asyncio.wait_for(read_enough(), within)
+    except TimeoutError:
+        raise AssertionError(f"read {values} from {topic}[{partition}], expected {count} values") from None
+    finally:
+        await reader.stop()
+    return values
 
 
 def assert_contiguous(events: list[pb.JobEvent], first: int = 1) -> None:

@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from jobstream.embedded.broker import EmbeddedBroker
 from services.scheduler import metrics
 from services.scheduler.publisher import Publisher
-from tests.helpers import wait_for
+from tests.helpers import read_partition, wait_for
 
 IN = TopicPartition("probe.in", 0)
 OUT = TopicPartition("probe.out", 0)
@@ -53,28 +53,6 @@ async def running(publishing: Publisher) -> AsyncIterator[None]:
             await task
 
 
-async def _read_all(broker: EmbeddedBroker, expected: int) -> list[bytes]:
-    reader = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=50)
-    await reader.start()
-    try:
-        reader.assign([OUT])
-        await reader.seek_to_beginning(OUT)
-        values: list[bytes] = []
-
-        async def read_enough() -> None:
-            while len(values) < expected:
-                batch = await reader.getmany(OUT, timeout_ms=1000)
-                values.extend(bytes(r.value or b"") for r in batch.get(OUT, []))
-
-        try:
-            await asyncio.wait_for(read_enough(), 10)
-        except TimeoutError:
-            raise AssertionError(f"read {values} from {OUT.topic}, expected {expected} messages") from None
-        return values
-    finally:
-        await reader.stop()
-
-
 def _published_batches() -> tuple[float, float]:
     """(announcements, batches they carried) so far."""
     samples = {s.name: s.value for m in metrics.PUBLISHED_BATCHES.collect() for s in m.samples}
@@ -98,7 +76,8 @@ async def test_batches_queued_behind_one_go_out_together_in_order_and_drain_comm
 
         announced, carried = (after - was for after, was in zip(_published_batches(), before, strict=True))
         assert (announced, carried) == (1, 3)
-        assert await _read_all(broker, 6) == [b"1.0", b"1.1", b"2.0", b"2.1", b"3.0", b"3.1"]
+        sent = [b"1.0", b"1.1", b"2.0", b"2.1", b"3.0", b"3.1"]
+        assert await read_partition(broker.bootstrap, OUT.topic, OUT.partition, 6) == sent
         assert await consumer.committed(IN) == 30
 
         # Due in an hour: announced, and not committed until drain().
@@ -109,7 +88,7 @@ async def test_batches_queued_behind_one_go_out_together_in_order_and_drain_comm
 
         # The announcement decides about the commit without waiting once its metric is observed.
         await wait_for(announced_again, within=10, what="the fourth batch announced")
-        assert await _read_all(broker, 7) == [b"1.0", b"1.1", b"2.0", b"2.1", b"3.0", b"3.1", b"4.0"]
+        assert await read_partition(broker.bootstrap, OUT.topic, OUT.partition, 7) == [*sent, b"4.0"]
         assert await consumer.committed(IN) == 30
         await publishing.drain()
         assert await consumer.committed(IN) == 40

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.kafka import send_all
-from tests.helpers import wait_for
+from tests.helpers import read_partition, wait_for
 
 TOPIC = "probe.named"
 
@@ -36,19 +36,6 @@ async def producer(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaProducer]:
         yield started
     finally:
         await started.stop()
-
-
-async def _read_one(broker: EmbeddedBroker, partition: int) -> bytes:
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=50)
-    await consumer.start()
-    try:
-        tp = TopicPartition(TOPIC, partition)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        record = await consumer.getone()
-        return bytes(record.value or b"")
-    finally:
-        await consumer.stop()
 
 
 async def test_a_partition_the_topic_lacks_is_a_retriable_broker_error_until_the_topic_is_right(
@@ -74,7 +61,7 @@ async def test_a_partition_the_topic_lacks_is_a_retriable_broker_error_until_the
         return True
 
     await wait_for(sent, within=30, what="the producer to see the re-created topic")
-    assert await _read_one(broker, 7) == b"on time"
+    assert await read_partition(broker.bootstrap, TOPIC, 7, 1) == [b"on time"]
 
 
 async def test_a_named_partition_gets_the_message(
@@ -85,4 +72,4 @@ async def test_a_named_partition_gets_the_message(
     (sent_future,) = await send_all(producer, [(TOPIC, 2, b"key", b"hello")])
     await sent_future
 
-    assert await _read_one(broker, 2) == b"hello"
+    assert await read_partition(broker.bootstrap, TOPIC, 2, 1) == [b"hello"]
