@@ -11,10 +11,12 @@ import psycopg
 import pytest
 
 from jobstream.v1 import jobstream_pb2 as pb
-from tests.helpers import params, watch_all
+from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
+from tests.helpers import count_jobs, params, watch_all
 
 if TYPE_CHECKING:
     from tests.helpers import Client
+    from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 Db = psycopg.AsyncConnection[Any]
@@ -54,3 +56,24 @@ async def test_one_idempotency_key_submitted_concurrently_makes_one_job(client: 
     loser = outcomes[20:] if outcomes[0] == stored else outcomes[:20]
     assert winner == [stored] * 20, outcomes
     assert loser == ["ALREADY_EXISTS"] * 20, outcomes
+
+
+async def test_a_batch_mixing_bad_keys_and_bad_requests_answers_every_call_on_its_own(
+    stack: Stack, client: Client, db: Db
+) -> None:
+    good = pb.SubmitRequest(kind="demo.sleep", params=params(chunks=1, ms=0))
+    bad = pb.SubmitRequest(kind="demo.sleep", params=params(chunks=0, ms=0))
+    before = await count_jobs(db)
+    async with stack.channel("jsk_0123456789abcdef_no-such-secret") as channel:
+        anonymous = pb_grpc.JobServiceStub(channel)
+        # Interleaved, so the calls that share a batch are of every sort.
+        calls = [(client, good), (anonymous, good), (client, bad), (anonymous, bad)] * 10
+
+        outcomes = await asyncio.gather(*(_outcome(stub.Submit(request)) for stub, request in calls))
+
+    by_sort = [outcomes[i::4] for i in range(4)]
+    assert len(set(by_sort[0])) == 10 and all(len(job_id) == 36 for job_id in by_sort[0]), outcomes
+    # The key is checked before the request: a bad key with a bad request is still UNAUTHENTICATED.
+    assert by_sort[1] == by_sort[3] == ["UNAUTHENTICATED"] * 10, outcomes
+    assert by_sort[2] == ["INVALID_ARGUMENT"] * 10, outcomes
+    assert await count_jobs(db) == before + 10

@@ -55,13 +55,16 @@ class JobService(pb_grpc.JobServiceServicer):
         return await self._store.tenant_of(token)
 
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
-        tenant = await self._tenant(context)
-        self._quotas.admit_submit(tenant)
-        job = self._validate_submit(request, tenant)
-        row, created = await self._store.create(job)
+        token = api_keys.bearer_token(context.invocation_metadata())
+
+        def admit(tenant: str) -> NewJob:
+            self._quotas.admit_submit(tenant)
+            return self._validate_submit(request, tenant)
+
+        row, created = await self._store.submit(token, admit)
         if created:
             self._relay.wake()
-            JOBS_SUBMITTED.labels(kind=job.kind).inc()
+            JOBS_SUBMITTED.labels(kind=request.kind).inc()
         return pb.SubmitResponse(job=job_to_proto(row))
 
     def _validate_submit(self, request: pb.SubmitRequest, tenant_id: str) -> NewJob:

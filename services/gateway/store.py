@@ -1,6 +1,6 @@
 """The gateway's reads and writes in Postgres.
 
-The gateway writes only at Submit (job, first event, outbox message: one transaction) and at Cancel
+The gateway writes only at Submit (job, first event, outbox message: one statement) and at Cancel
 (the cancel request, the chunks that must never start, the outbox message: one transaction). Every
 other state change belongs to the scheduler.
 """
@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,28 @@ Created = tuple[JobRow, bool]  # the job, and whether this call stored it
 Outcomes = list[Created | Exception | None]  # one per job of a batch; None while undecided
 
 
+# A job, its first event, its input and the outbox message announcing it: one statement, so one
+# round trip and no transaction block. A job whose idempotency key is taken gets no companions.
+INSERT_JOBS = (
+    "WITH new AS (SELECT * FROM unnest(%b::uuid[], %b::text[], %b::smallint[], %b::text[], %b::text[], %b::text[],"
+    "   %b::float8[], %b::text[], %b::bytea[], %b::bytea[], %b::bytea[], %b::bytea[])"
+    "   AS t(id, tenant_id, partition, kind, params, options, deadline, key, request_hash, queued, submitted, input)),"
+    " stored AS (INSERT INTO jobs (id, tenant_id, partition, kind, params, options, deadline_at,"
+    "   idempotency_key, request_hash, state, last_seq)"
+    "   SELECT id, tenant_id, partition, kind, params::jsonb, options::jsonb,"
+    "   now() + make_interval(secs => deadline), nullif(key, ''), request_hash, %s, 1 FROM new"
+    "   ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+    f"  RETURNING {JOB_COLUMNS}),"
+    " first_events AS (INSERT INTO job_events (job_id, seq, event)"
+    "   SELECT id, 1, queued FROM stored JOIN new USING (id)),"
+    " announced AS (INSERT INTO outbox (topic, key, value)"
+    "   SELECT %s, convert_to(id::text, 'UTF8'), submitted FROM stored JOIN new USING (id)),"
+    " inputs AS (INSERT INTO job_inputs (job_id, data)"
+    "   SELECT id, input FROM stored JOIN new USING (id) WHERE input IS NOT NULL)"
+    " SELECT * FROM stored"
+)
+
+
 @dataclass(frozen=True)
 class NewJob:
     tenant_id: str
@@ -59,6 +82,21 @@ class NewJob:
         return digest.digest()
 
 
+Admit = Callable[[str], NewJob]  # the caller's tenant -> the job to store; raises why not
+
+
+def _queued_event(job_id: uuid.UUID, time: Any) -> bytes:
+    return pb.JobEvent(
+        job_id=str(job_id),
+        seq=1,
+        type=pb.JOB_QUEUED,
+        state=pb.QUEUED,
+        progress=pb.Progress(),
+        time=time,
+        message="job queued",
+    ).SerializeToString()
+
+
 def parse_job_id(raw: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
@@ -71,7 +109,7 @@ class JobStore:
         self._pool = pool
         self._partitions = job_partitions
         self._max_unfinished = max_unfinished  # per tenant; 0 = no limit
-        self._creates: Coalescer[NewJob, Created] = Coalescer(self.create_many)
+        self._submits: Coalescer[tuple[str, Admit], Created] = Coalescer(self._submit_batch)
         self._tenants: Coalescer[str, str] = Coalescer(self._tenants_batch)
         # Every Watch starts with reading its job and then the job's stored events: a burst of
         # new streams (clients reconnecting after a gateway restart) reads them in a few
@@ -79,14 +117,17 @@ class JobStore:
         self._jobs: Coalescer[tuple[str, uuid.UUID], JobRow] = Coalescer(self._jobs_batch)
         self._events: Coalescer[tuple[uuid.UUID, int], list[bytes]] = Coalescer(self._events_batch, max_batch=100)
 
-    async def create(self, job: NewJob) -> Created:
-        """Stores the job with its first event and its outbox message; returns (row, created).
+    async def submit(self, token: str, admit: Admit) -> Created:
+        """Authenticates the call, admits its job and stores it; returns (row, created).
+
+        `admit` turns the caller's tenant into the job to store, or raises why not; it runs only
+        once the key is known good, so a bad key is refused before anything about the request.
+        Concurrent calls share one key lookup and one insert (see jobstream.batching).
 
         With an idempotency key already used by this tenant, returns the existing job when the
-        request is the same, and raises AlreadyExists when it differs. Concurrent calls share one
-        transaction (see jobstream.batching).
+        request is the same, and raises AlreadyExists when it differs.
         """
-        return await self._creates(job)
+        return await self._submits((token, admit))
 
     async def tenant_of(self, token: str) -> str:
         return await self._tenants(token)
@@ -95,20 +136,39 @@ class JobStore:
         async with self._pool.connection() as conn:
             return list(await api_keys.tenants_of(conn, tokens))
 
-    async def create_many(self, jobs: list[NewJob]) -> list[Created | Exception]:
-        """Stores a batch of jobs, each with its first event and outbox message, in one
-        transaction; one outcome per job, in order: (row, created), or the error that job alone
-        gets. A reused idempotency key is resolved before any quota is applied, so a retried
-        Submit gets its job back even when the tenant is at its limit."""
+    async def _submit_batch(self, calls: list[tuple[str, Admit]]) -> list[Created | Exception]:
+        outcomes: Outcomes = [None] * len(calls)
+        admitted: dict[int, NewJob] = {}
+        async with self._pool.connection() as conn:
+            tenants = await api_keys.tenants_of(conn, [token for token, _ in calls])
+            for i, ((_, admit), tenant) in enumerate(zip(calls, tenants, strict=True)):
+                if isinstance(tenant, Exception):
+                    outcomes[i] = tenant
+                    continue
+                try:
+                    admitted[i] = admit(tenant)
+                except Exception as err:  # this call's own refusal; the others go on
+                    outcomes[i] = err
+            if admitted:
+                stored = await self._store_jobs(conn, list(admitted.values()))
+                for i, outcome in zip(admitted, stored, strict=True):
+                    outcomes[i] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _store_jobs(self, conn: Any, jobs: list[NewJob]) -> list[Created | Exception]:
+        """Stores a batch of jobs, each with its first event, input and outbox message; one
+        outcome per job, in order: (row, created), or the error that job alone gets. A reused
+        idempotency key is resolved before any quota is applied, so a retried Submit gets its job
+        back even when the tenant is at its limit.
+
+        No transaction block: each job and its companions go in one statement, and the reads
+        around it would see no more inside a transaction (READ COMMITTED) than outside one.
+        """
         hashes = [job.request_hash() for job in jobs]
 
-        async def transaction() -> list[Created | Exception]:
+        async def attempt() -> list[Created | Exception]:
             outcomes: Outcomes = [None] * len(jobs)
-            async with (
-                self._pool.connection() as conn,
-                conn.transaction(),
-                conn.cursor(row_factory=dict_row) as cur,
-            ):
+            async with conn.cursor(row_factory=dict_row) as cur:
                 await self._resolve_keys(cur, jobs, hashes, outcomes)
                 await self._refuse_over_quota(cur, jobs, outcomes)
                 # Sorted by key, so two batches inserting the same keys wait in one order, never a cycle.
@@ -118,12 +178,11 @@ class JobStore:
                 )
                 ids = {i: uuid.uuid4() for i in pending}
                 rows = await self._insert_jobs(cur, [(ids[i], jobs[i], hashes[i]) for i in pending])
-                created = [i for i in pending if ids[i] in rows]
-                for i in created:
-                    outcomes[i] = (rows[ids[i]], True)
+                for i in pending:
+                    if ids[i] in rows:
+                        outcomes[i] = (rows[ids[i]], True)
                 # The key was taken by an earlier job of this batch or by another gateway just now.
                 await self._resolve_keys(cur, jobs, hashes, outcomes)
-                await self._insert_companions(cur, [(ids[i], jobs[i]) for i in created])
             return [
                 AlreadyExists(f"idempotency_key {jobs[i].idempotency_key!r} is in use; submit again")
                 if outcome is None
@@ -131,7 +190,7 @@ class JobStore:
                 for i, outcome in enumerate(outcomes)
             ]
 
-        return await retry_conflicts(transaction, f"storing {len(jobs)} submitted jobs")
+        return await retry_conflicts(attempt, f"storing {len(jobs)} submitted jobs")
 
     async def _resolve_keys(self, cur: Any, jobs: list[NewJob], hashes: list[bytes], outcomes: Outcomes) -> None:
         """Settles the undecided jobs whose (tenant, idempotency key) a stored job already has."""
@@ -185,21 +244,14 @@ class JobStore:
                 )
 
     async def _insert_jobs(self, cur: Any, new: list[tuple[uuid.UUID, NewJob, bytes]]) -> dict[uuid.UUID, JobRow]:
-        """Inserts the job rows; returns the stored ones by id (a row whose key is taken is not)."""
+        """Inserts the jobs with their companions in one statement; returns the stored ones by id
+        (a job whose key is taken is not stored, nor are its companions)."""
         if not new:
             return {}
+        time = now_timestamp()
         await cur.execute(
-            "INSERT INTO jobs (id, tenant_id, partition, kind, params, options, deadline_at,"
-            " idempotency_key, request_hash, state, last_seq)"
-            " SELECT id, tenant_id, partition, kind, params::jsonb, options::jsonb,"
-            " now() + make_interval(secs => deadline), nullif(key, ''), request_hash, %s, 1"
-            " FROM unnest(%b::uuid[], %b::text[], %b::smallint[], %b::text[], %b::text[], %b::text[],"
-            " %b::float8[], %b::text[], %b::bytea[])"
-            " AS t(id, tenant_id, partition, kind, params, options, deadline, key, request_hash)"
-            " ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-            f" RETURNING {JOB_COLUMNS}",
+            INSERT_JOBS,
             (
-                JobState.QUEUED,
                 [job_id for job_id, _, _ in new],
                 [job.tenant_id for _, job, _ in new],
                 [partition_of(str(job_id), self._partitions) for job_id, _, _ in new],
@@ -209,36 +261,17 @@ class JobStore:
                 [job.options.get("deadline_seconds") for _, job, _ in new],
                 [job.idempotency_key for _, job, _ in new],
                 [request_hash for _, _, request_hash in new],
+                [_queued_event(job_id, time) for job_id, _, _ in new],
+                [
+                    bus_pb2.JobSubmitted(job_id=str(job_id), tenant_id=job.tenant_id).SerializeToString()
+                    for job_id, job, _ in new
+                ],
+                [job.data or None for _, job, _ in new],
+                JobState.QUEUED,
+                topics.SUBMITTED,
             ),
         )
         return {row["id"]: row for row in await cur.fetchall()}
-
-    async def _insert_companions(self, cur: Any, created: list[tuple[uuid.UUID, NewJob]]) -> None:
-        """Each new job's input, its first event and the outbox message that announces it."""
-        if not created:
-            return
-        time = now_timestamp()
-        async with cur.copy("COPY job_events (job_id, seq, event) FROM STDIN") as copy:
-            for job_id, _ in created:
-                queued = pb.JobEvent(
-                    job_id=str(job_id),
-                    seq=1,
-                    type=pb.JOB_QUEUED,
-                    state=pb.QUEUED,
-                    progress=pb.Progress(),
-                    time=time,
-                    message="job queued",
-                )
-                await copy.write_row((job_id, 1, queued.SerializeToString()))
-        async with cur.copy("COPY outbox (topic, key, value) FROM STDIN") as copy:
-            for job_id, job in created:
-                submitted = bus_pb2.JobSubmitted(job_id=str(job_id), tenant_id=job.tenant_id)
-                await copy.write_row((topics.SUBMITTED, str(job_id).encode(), submitted.SerializeToString()))
-        with_input = [(job_id, job.data) for job_id, job in created if job.data]
-        if with_input:
-            async with cur.copy("COPY job_inputs (job_id, data) FROM STDIN") as copy:
-                for row in with_input:
-                    await copy.write_row(row)
 
     async def get(self, tenant_id: str, job_id: uuid.UUID) -> JobRow:
         return await self._jobs((tenant_id, job_id))
