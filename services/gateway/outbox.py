@@ -18,6 +18,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from jobstream.config import Settings
 from jobstream.db import DATABASE_UNAVAILABLE
+from jobstream.kafka import send_all
+from jobstream.topics import partition_of
 from services.gateway.metrics import OUTBOX_BACKLOG
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,15 @@ class OutboxRelay:
             rows = sorted(await cur.fetchall())
             if not rows:
                 return 0
-            futures = [
-                await self._producer.send(self._settings.topic(topic), value=bytes(value), key=key)
+            # Every message is keyed by a job id on a job-keyed topic. The partition is named here:
+            # Submit hashed the id moments ago (partition_of remembers it), while the producer's
+            # partitioner would hash it again in pure Python.
+            partitions = self._settings.job_partitions
+            messages = [
+                (self._settings.topic(topic), partition_of(bytes(key).decode(), partitions), bytes(key), bytes(value))
                 for _, topic, key, value in rows
             ]
+            futures = await send_all(self._producer, messages)
             await asyncio.wait_for(asyncio.gather(*futures), timeout=15)
         return len(rows)
 
