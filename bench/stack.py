@@ -7,11 +7,13 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import psycopg
 from aiokafka.admin import AIOKafkaAdminClient
 
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.embedded.procs import descendants
 from jobstream.embedded.stack import LocalStack
+from jobstream.v1 import jobstream_pb2 as pb
 
 # Postgres backends publish their statistics (pg_stat_database) only after about 10 s idle; read them
 # this long after a load, or most of its rows and transactions are not counted yet.
@@ -19,6 +21,8 @@ STATS_FLUSH_S = 11.0
 # Stopped workers stay silent group members until their session (10 s) expires, so waiting for the
 # group to settle after a resize takes about that long.
 GROUP_SETTLE_TIMEOUT = 60.0
+# Jobs left over from a phase finish within this long, or something is stuck.
+QUIET_TIMEOUT = 120.0
 
 
 @dataclass
@@ -87,6 +91,20 @@ class BenchStack(LocalStack):
                 await asyncio.sleep(0.5)
         finally:
             await admin.close()
+
+    async def wait_quiet(self, within: float = QUIET_TIMEOUT) -> None:
+        """Returns once no job is queued or running: the jobs an earlier phase submitted run on the
+        same cores, so a phase that starts before they end measures their work as well as its own."""
+        deadline = time.monotonic() + within
+        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute("SELECT count(*) FROM jobs WHERE state IN (%s, %s)", (pb.QUEUED, pb.RUNNING))
+                row = await cur.fetchone()
+                if row is None or row[0] == 0:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{row[0]} jobs still queued or running after {within:.0f} s")
+                await asyncio.sleep(0.2)
 
     def dead(self) -> list[str]:
         """The services that exited although nobody stopped them."""

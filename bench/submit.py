@@ -36,9 +36,13 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
             return bare_call(b"")
 
         for _ in range(repeat):
+            # Each phase starts once the jobs of the one before have run, on a quiet stack.
             figures: Run = {}
+            await stack.wait_quiet()
             figures.update(await _open_loop(submit, sizes.open_loop_rate, sizes.open_loop_seconds, "open_loop"))
+            await stack.wait_quiet()
             figures.update(await _closed_loop(submit, sizes.callers, sizes.closed_loop_seconds, "callers"))
+            await stack.wait_quiet()
             figures.update(await _closed_loop(nothing, sizes.callers, sizes.closed_loop_seconds, "bare_callers"))
             figures["callers_vs_bare"] = figures["callers_per_s"] / figures["bare_callers_per_s"]
             runs.append(figures)
