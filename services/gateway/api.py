@@ -1,4 +1,5 @@
-"""The JobService handlers: validate, then one store call each. Errors are raised, never mapped here."""
+"""The JobService handlers: validate, then one store call each (Submit validates inside its store
+call, once the key is known good). Errors are raised, never mapped here."""
 
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class JobService(pb_grpc.JobServiceServicer):
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
         token = api_keys.bearer_token(context.invocation_metadata())
 
+        # Runs in the store's batch, after the key lookup every Submit needs anyway: refusals
+        # keep their order (key, then rate, then request) and cost no round trip of their own.
         def admit(tenant: str) -> NewJob:
             self._quotas.admit_submit(tenant)
             return self._validate_submit(request, tenant)
