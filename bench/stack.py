@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.embedded.procs import descendants
 from jobstream.embedded.stack import LocalStack
-from jobstream.v1 import jobstream_pb2 as pb
+from jobstream.states import JobState
 
 # Postgres backends publish their statistics (pg_stat_database) only after about 10 s idle; read them
 # this long after a load, or most of its rows and transactions are not counted yet.
@@ -98,7 +98,9 @@ class BenchStack(LocalStack):
         deadline = time.monotonic() + within
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
             while True:
-                cur = await conn.execute("SELECT count(*) FROM jobs WHERE state IN (%s, %s)", (pb.QUEUED, pb.RUNNING))
+                cur = await conn.execute(
+                    "SELECT count(*) FROM jobs WHERE state IN (%s, %s)", (JobState.QUEUED, JobState.RUNNING)
+                )
                 row = await cur.fetchone()
                 if row is None or row[0] == 0:
                     return

@@ -93,7 +93,7 @@ class OutboxRelay:
             # partitioner would hash it again in pure Python.
             partitions = self._settings.job_partitions
             messages = [
-                (self._settings.topic(topic), partition_of(bytes(key).decode(), partitions), bytes(key), bytes(value))
+                (self._settings.topic(topic), partition_of(key.decode(), partitions), key, bytes(value))
                 for _, topic, key, value in rows
             ]
             futures = await send_all(self._producer, messages)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -39,7 +40,7 @@ JobRow = dict[str, Any]
 # Stored events are read in pages of this many; a shorter page is the last.
 EVENTS_PAGE = 500
 Created = tuple[JobRow, bool]  # the job, and whether this call stored it
-Outcomes = list[Created | Exception | None]  # one per job of a batch; None while undecided
+Outcomes = list[Created | Exception | None]  # one per call or job of a batch; None while undecided
 
 
 # A job, its first event, its input and the outbox message announcing it: one statement, so one
@@ -85,9 +86,9 @@ class NewJob:
 Admit = Callable[[str], NewJob]  # the caller's tenant -> the job to store; raises why not
 
 
-def _queued_event(job_id: uuid.UUID, time: Any) -> bytes:
+def _queued_event(job_id: str, time: Timestamp) -> bytes:
     return pb.JobEvent(
-        job_id=str(job_id),
+        job_id=job_id,
         seq=1,
         type=pb.JOB_QUEUED,
         state=pb.QUEUED,
@@ -249,22 +250,23 @@ class JobStore:
         if not new:
             return {}
         time = now_timestamp()
+        ids = [str(job_id) for job_id, _, _ in new]  # each job's id, as its messages carry it
         await cur.execute(
             INSERT_JOBS,
             (
                 [job_id for job_id, _, _ in new],
                 [job.tenant_id for _, job, _ in new],
-                [partition_of(str(job_id), self._partitions) for job_id, _, _ in new],
+                [partition_of(job_id, self._partitions) for job_id in ids],
                 [job.kind for _, job, _ in new],
                 [json.dumps(job.params) for _, job, _ in new],
                 [json.dumps(job.options) for _, job, _ in new],
                 [job.options.get("deadline_seconds") for _, job, _ in new],
                 [job.idempotency_key for _, job, _ in new],
                 [request_hash for _, _, request_hash in new],
-                [_queued_event(job_id, time) for job_id, _, _ in new],
+                [_queued_event(job_id, time) for job_id in ids],
                 [
-                    bus_pb2.JobSubmitted(job_id=str(job_id), tenant_id=job.tenant_id).SerializeToString()
-                    for job_id, job, _ in new
+                    bus_pb2.JobSubmitted(job_id=job_id, tenant_id=job.tenant_id).SerializeToString()
+                    for job_id, (_, job, _) in zip(ids, new, strict=True)
                 ],
                 [job.data or None for _, job, _ in new],
                 JobState.QUEUED,

@@ -107,13 +107,13 @@ class Publisher:
         metrics.BATCH_PHASE.labels(phase="publish").observe(time.monotonic() - started)
         metrics.PUBLISHED_BATCHES.observe(len(batches))
         for batch in batches:
-            if batch.consumer is not None:
-                if batch.consumer is not self._acked_by:
-                    # The group was joined again (the broker came back empty): offsets read before
-                    # name positions in topics that no longer exist, and committing them would skip
-                    # messages.
-                    self._acked, self._acked_by = {}, batch.consumer
-                self._acked.update(batch.offsets)  # later batches read further
+            if batch.consumer is None:
+                continue
+            if batch.consumer is not self._acked_by:
+                # The group was joined again (the broker came back empty): offsets read before name
+                # positions in topics that no longer exist, and committing them would skip messages.
+                self._acked, self._acked_by = {}, batch.consumer
+            self._acked.update(batch.offsets)  # later batches read further
         if time.monotonic() >= self._next_commit:
             await self._commit()
 
