@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from jobstream import topics
 from jobstream.config import Settings
 from jobstream.embedded.postgres import EmbeddedPostgres
 from jobstream.kafka import make_broadcast_consumer, make_producer
-from jobstream.topics import ensure_topics
+from jobstream.topics import ensure_topics, partition_of
 from services.gateway.outbox import OutboxRelay
 from tests.helpers import wait_for
 from tests.stack import Stack
@@ -42,11 +43,11 @@ class Rig:
     pool: AsyncConnectionPool
     producer: AIOKafkaProducer
     consumer: AIOKafkaConsumer
-    seen: set[bytes] = field(default_factory=set)
+    seen: dict[bytes, int] = field(default_factory=dict)  # key -> the partition it arrived on
 
     async def published(self, key: bytes) -> bool:
         batch = await self.consumer.getmany(timeout_ms=200)
-        self.seen.update(bytes(r.key or b"") for records in batch.values() for r in records)
+        self.seen.update((bytes(r.key or b""), r.partition) for records in batch.values() for r in records)
         return key in self.seen
 
 
@@ -136,3 +137,18 @@ async def test_a_commit_during_a_relay_round_is_relayed_without_waiting_for_the_
         relay = CommitDuringTheFirstRound(rig.settings, rig.pool, rig.producer, idle_poll_s=3600)
         async with _running(relay):
             await wait_for(lambda: rig.published(during), within=30, what="the row committed during a round to go out")
+
+
+async def test_each_message_goes_to_the_partition_of_its_job(stack: Stack, postgres: EmbeddedPostgres) -> None:
+    """The relay names partitions itself; they must be the ones the job's scheduler reads."""
+    keys = [str(uuid.uuid4()).encode() for _ in range(12)]
+    async with _rig(stack, postgres) as rig:
+        relay = OutboxRelay(rig.settings, rig.pool, rig.producer)
+        async with _running(relay):
+            for key in keys:
+                await _outbox_row(postgres.url, topics.CONTROL, key)
+            relay.wake()
+            for key in keys:
+                await wait_for(functools.partial(rig.published, key), within=30, what=f"{key!r} to go out")
+    expected = {key: partition_of(key.decode(), rig.settings.job_partitions) for key in keys}
+    assert {key: rig.seen[key] for key in keys} == expected
