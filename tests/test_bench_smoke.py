@@ -15,7 +15,7 @@ from bench.__main__ import NOT_IMPLEMENTED, SCENARIOS, main
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 async def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -> None:
     json_path = await asyncio.to_thread(main, ["--smoke", "--out", str(tmp_path)])
 
