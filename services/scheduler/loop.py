@@ -235,9 +235,13 @@ class Scheduler:
             phase.done("handoff")
 
     async def _record(self, work: dict[uuid.UUID, JobWork]) -> Outbound:
-        """One transaction over the jobs of the batch; what to publish once it committed."""
+        """One transaction over the jobs of the batch; what to publish once it committed.
+
+        In pipeline mode, so only statements whose results the batch reads wait for Postgres: BEGIN
+        goes with the lock, and the writes that end the batch go with COMMIT. A batch of progress
+        reports is two round trips instead of six, which is time an event waits in the scheduler."""
         out = Outbound()
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
             jobs = await store.lock_jobs(conn, list(work), dict(self._ownership.epochs))
             out.fenced = set(work) - {job.id for job in jobs}
             await self._machine.prepare(conn, jobs, work)

@@ -1,6 +1,9 @@
 """The scheduler's SQL. Every write happens inside the batch transaction that holds the job rows'
 locks (SELECT ... FOR UPDATE), which is what makes each chunk result count exactly once and each
-event seq unique."""
+event seq unique.
+
+The batch runs in pipeline mode (see Scheduler._record): a statement whose result nobody reads
+is sent without waiting for it, so no write here may use COPY, which pipelines cannot carry."""
 
 from __future__ import annotations
 
@@ -161,9 +164,10 @@ async def save_jobs(conn: Conn, jobs: Iterable[JobRow]) -> None:
 async def insert_events(conn: Conn, events: Sequence[tuple[uuid.UUID, int, bytes]]) -> None:
     if not events:
         return
-    async with conn.cursor() as cur, cur.copy("COPY job_events (job_id, seq, event) FROM STDIN") as copy:
-        for row in events:
-            await copy.write_row(row)
+    await conn.execute(
+        "INSERT INTO job_events (job_id, seq, event) SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::bytea[])",
+        ([e[0] for e in events], [e[1] for e in events], [e[2] for e in events]),
+    )
 
 
 async def read_inputs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
@@ -174,11 +178,12 @@ async def read_inputs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUI
     return {job_id: bytes(data) for job_id, data in await cur.fetchall()}
 
 
-async def insert_chunks(conn: Conn, rows: Iterable[tuple[uuid.UUID, int, bytes]]) -> None:
-    """(job, idx, payload) rows of every job a batch starts, in one COPY."""
-    async with conn.cursor() as cur, cur.copy("COPY chunks (job_id, idx, payload) FROM STDIN") as copy:
-        for row in rows:
-            await copy.write_row(row)
+async def insert_chunks(conn: Conn, rows: Sequence[tuple[uuid.UUID, int, bytes]]) -> None:
+    """(job, idx, payload) rows of every job a batch starts, in one statement."""
+    await conn.execute(
+        "INSERT INTO chunks (job_id, idx, payload) SELECT * FROM unnest(%b::uuid[], %b::int[], %b::bytea[])",
+        ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+    )
 
 
 async def pending_chunks(
