@@ -36,6 +36,10 @@ async def own(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
         JOBSTREAM_WORKER_CONCURRENCY=str(SLOTS),
         JOBSTREAM_WORKER_PREFETCH=str(PREFETCH),
         JOBSTREAM_DRAIN_SECONDS="30",
+        # No heartbeat within a test: a cancel reaches the worker through jobs.control or not at all
+        # (the heartbeat would otherwise learn of it within 3 s and hide a lost stop).
+        JOBSTREAM_LEASE_SECONDS="180",
+        JOBSTREAM_HEARTBEAT_SECONDS="60",
     ) as stack:
         yield stack
 
@@ -106,6 +110,7 @@ async def test_cancel_stops_the_chunks_a_worker_claimed_ahead(own: Stack, own_cl
     # Running or claimed ahead, each chunk reports itself cancelled; none ran out its 20 s.
     await wait_for(
         lambda: _equals(chunk_states(own_db, job.id), {(ChunkState.CANCELLED, 1): SLOTS + PREFETCH}),
+        within=15,
         what="every chunk recorded cancelled",
     )
     assert await gauges(own) == {"in_flight": 0, "claimed_waiting": 0}
