@@ -162,12 +162,8 @@ async def save_jobs(conn: Conn, jobs: Iterable[JobRow]) -> None:
 
 
 async def insert_events(conn: Conn, events: Sequence[tuple[uuid.UUID, int, bytes]]) -> None:
-    if not events:
-        return
-    await conn.execute(
-        "INSERT INTO job_events (job_id, seq, event) SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::bytea[])",
-        ([e[0] for e in events], [e[1] for e in events], [e[2] for e in events]),
-    )
+    """(job, seq, event) rows of a batch, in one statement."""
+    await _insert_rows(conn, "job_events (job_id, seq, event)", ("uuid", "bigint", "bytea"), events)
 
 
 async def read_inputs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
@@ -180,10 +176,16 @@ async def read_inputs(conn: Conn, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUI
 
 async def insert_chunks(conn: Conn, rows: Sequence[tuple[uuid.UUID, int, bytes]]) -> None:
     """(job, idx, payload) rows of every job a batch starts, in one statement."""
-    await conn.execute(
-        "INSERT INTO chunks (job_id, idx, payload) SELECT * FROM unnest(%b::uuid[], %b::int[], %b::bytea[])",
-        ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
-    )
+    await _insert_rows(conn, "chunks (job_id, idx, payload)", ("uuid", "int", "bytea"), rows)
+
+
+async def _insert_rows(conn: Conn, into: str, types: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> None:
+    """Inserts rows as one array per column (unnest), the form a pipeline can carry (COPY is not)."""
+    if not rows:
+        return
+    arrays = ", ".join(f"%b::{t}[]" for t in types)
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    await conn.execute(f"INSERT INTO {into} SELECT * FROM unnest({arrays})", columns)
 
 
 async def pending_chunks(
