@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.embedded.postgres import RUN_AS_USER, EmbeddedPostgres, PostgresStartError
 from jobstream.embedded.procs import ChildProcess
+from jobstream.embedded.stack import LocalStack
 
 
 def _tree(pid: int) -> list[int]:
@@ -200,3 +201,13 @@ def test_children_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_stack_settings_are_what_its_services_run_with(tmp_path: Path) -> None:
+    """The stack makes the topics from its settings, so they must carry the services' overrides:
+    topics of 12 partitions under services hashing jobs onto 6 would strand half the jobs."""
+    stack = LocalStack(tmp_path, env_overrides={"JOBSTREAM_JOB_PARTITIONS": "6", "JOBSTREAM_CHUNK_PARTITIONS": "10"})
+    settings = stack.settings
+    assert (settings.job_partitions, settings.chunk_partitions) == (6, 10)
+    assert settings.kafka_bootstrap == stack.broker.bootstrap
+    assert settings.kafka_leave_group is False

@@ -45,7 +45,9 @@ class LocalStack:
 
     @property
     def settings(self) -> Settings:
-        return Settings(database_url=self.database_url, kafka_bootstrap=self.bootstrap, kafka_leave_group=False)
+        """What the services run with: the topics made from it must have the partition counts the
+        services expect (JOBSTREAM_JOB_PARTITIONS in `env_overrides` included)."""
+        return Settings.from_env(self.service_env())
 
     def service_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
