@@ -1,0 +1,30 @@
+"""What every service process does at start, run in a process of its own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from jobstream.embedded.stack import REPO
+
+
+def test_a_service_starts_with_its_imports_frozen_out_of_garbage_collection() -> None:
+    script = textwrap.dedent(
+        """
+        import gc
+        from jobstream.service import run
+
+        async def serve(settings, stop):
+            print("frozen", gc.get_freeze_count(), flush=True)
+
+        run("probe", serve)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    frozen = int(done.stdout.split()[-1])
+    # The imports alone hold tens of thousands of objects; a handful would mean nothing was frozen.
+    assert frozen > 10_000, done.stdout
