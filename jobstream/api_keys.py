@@ -66,34 +66,43 @@ def bearer_token(metadata: Any) -> str:
     return token.strip()
 
 
-async def tenants_of(conn: Connection, tokens: list[str]) -> list[str | Unauthenticated]:
-    """For each token, the tenant of its valid, unrevoked key, or why it is refused; one query
-    for all of them."""
-    parsed: list[tuple[str, str] | Unauthenticated] = []
+Parsed = tuple[str, str] | Unauthenticated  # (key id, secret), or why the token is malformed
+KeyRow = tuple[str, bytes]  # an unrevoked key's tenant and secret digest
+
+
+def parse_tokens(tokens: list[str]) -> list[Parsed]:
+    parsed: list[Parsed] = []
     for token in tokens:
         try:
             parsed.append(parse_token(token))
         except Unauthenticated as err:
             parsed.append(err)
+    return parsed
+
+
+async def tenants_of(conn: Connection, tokens: list[str]) -> list[str | Unauthenticated]:
+    """For each token, the tenant of its valid, unrevoked key, or why it is refused; one query
+    for all of them."""
+    parsed = parse_tokens(tokens)
     key_ids = sorted({p[0] for p in parsed if isinstance(p, tuple)})
-    rows: dict[str, tuple[str, bytes]] = {}
+    rows: dict[str, KeyRow] = {}
     if key_ids:  # malformed tokens alone cost no query
         cur = await conn.execute(
             "SELECT id, tenant_id, secret_sha256 FROM api_keys WHERE id = ANY(%s) AND revoked_at IS NULL", (key_ids,)
         )
         rows = {str(r[0]): (str(r[1]), bytes(r[2])) for r in await cur.fetchall()}
-    return [_check(p, rows) for p in parsed]
+    return [verify(p, rows.get(p[0]) if isinstance(p, tuple) else None) for p in parsed]
 
 
-def _check(parsed: tuple[str, str] | Unauthenticated, rows: dict[str, tuple[str, bytes]]) -> str | Unauthenticated:
+def verify(parsed: Parsed, key: KeyRow | None) -> str | Unauthenticated:
+    """The tenant of a parsed token whose key row (unrevoked, else None) was read; or why not."""
     if isinstance(parsed, Unauthenticated):
         return parsed
     key_id, secret = parsed
-    row = rows.get(key_id)
     # Compared in constant time, and the same answer for an unknown, a revoked and a wrong key.
-    if row is None or not hmac.compare_digest(row[1], _digest(secret)):
+    if key is None or not hmac.compare_digest(key[1], _digest(secret)):
         return Unauthenticated(f"API key {key_id} is unknown, revoked or wrong")
-    return row[0]
+    return key[0]
 
 
 async def tenant_of(conn: Connection, token: str) -> str:

@@ -129,6 +129,35 @@ async def test_a_valid_secret_of_another_key_id_is_refused(stack: Stack, db: Db)
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_a_known_key_id_with_a_wrong_secret_reads_nothing_even_beside_good_reads(stack: Stack, db: Db) -> None:
+    """GetJob and Watch check the key in the statement that reads the job: a public key id with a
+    guessed secret must get no job, also when its call shares that statement with good ones."""
+    _, token = await new_tenant(db, "guess")
+    wrong = token[:21] + "guessed-secret"
+    async with stack.channel(token) as good_channel, stack.channel(wrong) as bad_channel:
+        good, bad = pb_grpc.JobServiceStub(good_channel), pb_grpc.JobServiceStub(bad_channel)
+        job = (await good.Submit(pb.SubmitRequest(kind="demo.sleep", params=params(chunks=1, ms=0)))).job
+        calls: list[Awaitable[Any]] = [
+            good.GetJob(pb.GetJobRequest(job_id=job.id)),
+            bad.GetJob(pb.GetJobRequest(job_id=job.id)),
+            _drain(bad.Watch(pb.WatchRequest(job_id=job.id))),
+            bad.GetJob(pb.GetJobRequest(job_id="not-a-job-id")),
+            good.GetJob(pb.GetJobRequest(job_id=str(uuid.uuid4()))),
+            _drain(good.Watch(pb.WatchRequest(job_id=job.id))),
+        ]
+        outcomes = await asyncio.gather(*(_status(call) for call in calls))
+    refused = (grpc.StatusCode.UNAUTHENTICATED, f"API key {token[4:20]} is unknown, revoked or wrong")
+    assert outcomes == [
+        (grpc.StatusCode.OK, ""),
+        refused,
+        refused,
+        refused,  # the key is refused before the malformed job id is looked at
+        (grpc.StatusCode.NOT_FOUND, outcomes[4][1]),
+        (grpc.StatusCode.OK, ""),
+    ]
+    assert "not found" in outcomes[4][1]
+
+
 async def test_health_checks_need_no_key(stack: Stack) -> None:
     async with stack.channel(token="") as channel:
         response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

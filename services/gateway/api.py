@@ -21,7 +21,7 @@ from services.gateway.convert import job_to_proto
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.outbox import OutboxRelay
 from services.gateway.quotas import Quotas
-from services.gateway.store import JobStore, NewJob, parse_job_id
+from services.gateway.store import JobStore, NewJob, Owned, parse_job_id
 from services.gateway.watch import UpdatesHub, watch_events
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -90,9 +90,18 @@ class JobService(pb_grpc.JobServiceServicer):
         options = options_from_proto(request.options)
         return NewJob(tenant_id, request.kind, params, request.input, request.idempotency_key, options)
 
+    async def _job(self, context: Context, raw_job_id: str) -> Owned:
+        """The caller's tenant and the job it names, checked and read in one statement."""
+        token = api_keys.bearer_token(context.invocation_metadata())
+        try:
+            job_id = parse_job_id(raw_job_id)
+        except InvalidArgument:
+            await self._store.tenant_of(token)  # a bad key is refused before anything about the request
+            raise
+        return await self._store.job_for(token, job_id)
+
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
-        tenant = await self._tenant(context)
-        row = await self._store.get(tenant, parse_job_id(request.job_id))
+        _, row = await self._job(context, request.job_id)
         return job_to_proto(row)
 
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
@@ -121,9 +130,8 @@ class JobService(pb_grpc.JobServiceServicer):
         return pb.ListJobsResponse(jobs=[job_to_proto(r) for r in rows], next_page_token=token)
 
     async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
-        tenant = await self._tenant(context)
-        job_id = parse_job_id(request.job_id)
-        job = await self._store.get(tenant, job_id)
+        tenant, job = await self._job(context, request.job_id)
+        job_id = job["id"]
         if request.after_seq > job["last_seq"]:
             raise InvalidArgument(
                 f"after_seq: {request.after_seq} is past the job's last event ({job['last_seq']})",

@@ -40,6 +40,7 @@ JobRow = dict[str, Any]
 # Stored events are read in pages of this many; a shorter page is the last.
 EVENTS_PAGE = 500
 Created = tuple[JobRow, bool]  # the job, and whether this call stored it
+Owned = tuple[str, JobRow]  # the caller's tenant, and its job
 Outcomes = list[Created | Exception | None]  # one per call or job of a batch; None while undecided
 
 
@@ -112,10 +113,10 @@ class JobStore:
         self._max_unfinished = max_unfinished  # per tenant; 0 = no limit
         self._submits: Coalescer[tuple[str, Admit], Created] = Coalescer(self._submit_batch)
         self._tenants: Coalescer[str, str] = Coalescer(self._tenants_batch)
-        # Every Watch starts with reading its job and then the job's stored events: a burst of
-        # new streams (clients reconnecting after a gateway restart) reads them in a few
-        # statements instead of two each.
-        self._jobs: Coalescer[tuple[str, uuid.UUID], JobRow] = Coalescer(self._jobs_batch)
+        # Every Watch starts with checking its key and reading its job, then the job's stored
+        # events: a burst of new streams (clients reconnecting after a gateway restart) reads them
+        # in a few statements instead of two each.
+        self._jobs: Coalescer[tuple[str, uuid.UUID], Owned] = Coalescer(self._jobs_batch)
         self._events: Coalescer[tuple[uuid.UUID, int], list[bytes]] = Coalescer(self._events_batch, max_batch=100)
 
     async def submit(self, token: str, admit: Admit) -> Created:
@@ -275,18 +276,41 @@ class JobStore:
         )
         return {row["id"]: row for row in await cur.fetchall()}
 
-    async def get(self, tenant_id: str, job_id: uuid.UUID) -> JobRow:
-        return await self._jobs((tenant_id, job_id))
+    async def job_for(self, token: str, job_id: uuid.UUID) -> Owned:
+        """Authenticates the call and reads its job in one statement: (tenant, job row).
 
-    async def _jobs_batch(self, keys: list[tuple[str, uuid.UUID]]) -> list[JobRow | Exception]:
-        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs"
-                " WHERE (id, tenant_id) IN (SELECT * FROM unnest(%b::uuid[], %b::text[]))",
-                ([job_id for _, job_id in keys], [tenant for tenant, _ in keys]),
-            )
-            found = {(row["tenant_id"], row["id"]): row for row in await cur.fetchall()}
-        return [found.get(key) or NotFound(f"job {key[1]} not found") for key in keys]
+        The key is checked first, so a bad key gets Unauthenticated whether or not the job exists;
+        another tenant's job is NotFound, as if it did not exist.
+        """
+        return await self._jobs((token, job_id))
+
+    async def _jobs_batch(self, calls: list[tuple[str, uuid.UUID]]) -> list[Owned | Exception]:
+        parsed = api_keys.parse_tokens([token for token, _ in calls])
+        asked = [(p[0], job_id) for p, (_, job_id) in zip(parsed, calls, strict=True) if isinstance(p, tuple)]
+        found: dict[tuple[str, uuid.UUID], JobRow] = {}
+        if asked:  # malformed tokens alone cost no query
+            async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    "SELECT r.key_id, r.wanted, k.tenant_id AS key_tenant, k.secret_sha256, j.*"
+                    " FROM unnest(%b::text[], %b::uuid[]) AS r(key_id, wanted)"
+                    " JOIN api_keys k ON k.id = r.key_id AND k.revoked_at IS NULL"
+                    f" LEFT JOIN LATERAL (SELECT {JOB_COLUMNS} FROM jobs"
+                    "   WHERE id = r.wanted AND tenant_id = k.tenant_id) j ON true",
+                    ([key_id for key_id, _ in asked], [job_id for _, job_id in asked]),
+                )
+                found = {(row.pop("key_id"), row.pop("wanted")): row for row in await cur.fetchall()}
+        outcomes: list[Owned | Exception] = []
+        for p, (_, job_id) in zip(parsed, calls, strict=True):
+            row = found.get((p[0], job_id)) if isinstance(p, tuple) else None
+            key = (row["key_tenant"], bytes(row["secret_sha256"])) if row is not None else None
+            tenant = api_keys.verify(p, key)
+            if isinstance(tenant, Exception):
+                outcomes.append(tenant)
+            elif row is None or row["id"] is None:
+                outcomes.append(NotFound(f"job {job_id} not found"))
+            else:
+                outcomes.append((tenant, {k: v for k, v in row.items() if k not in ("key_tenant", "secret_sha256")}))
+        return outcomes
 
     async def request_cancel(self, tenant_id: str, job_id: uuid.UUID, reason: str) -> JobRow:
         """Records the cancel and marks every pending chunk cancelled, in one transaction.
