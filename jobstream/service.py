@@ -18,6 +18,7 @@ from typing import Any
 
 from jobstream.config import Settings, SettingsError
 from jobstream.kinds import load_kinds
+from jobstream.topics import check_partition_counts
 
 Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
 
@@ -100,8 +101,8 @@ def _hard_exit(service: str, why: str) -> None:
 
 
 def run(service: str, serve: Serve) -> None:
-    """Runs `serve` until SIGINT/SIGTERM; exits 2 on bad settings, 1 when serve or an essential
-    task fails."""
+    """Runs `serve` until SIGINT/SIGTERM; exits 2 on bad settings (partition counts that differ
+    from the topics' among them), 1 when serve or an essential task fails."""
     try:
         settings = Settings.from_env()
     except SettingsError as err:
@@ -125,6 +126,11 @@ def run(service: str, serve: Serve) -> None:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        try:
+            await check_partition_counts(settings)
+        except SettingsError as err:
+            print(f"jobstream {service}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         await serve(settings, stop)
 
     try:

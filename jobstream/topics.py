@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from jobstream import kafka
-from jobstream.config import Settings
+from jobstream.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,44 @@ async def ensure_topics(settings: Settings, *, wait_s: float = 30.0) -> list[str
         if changed:
             log.info("created topics %s", ", ".join(changed))
         await admin.close()
+
+
+async def check_partition_counts(settings: Settings, *, wait_s: float = 5.0) -> None:
+    """Raises SettingsError when the topics were made with other partition counts than these
+    settings name, so a service with a stale JOBSTREAM_JOB_PARTITIONS refuses to start instead
+    of sending jobs to partitions no scheduler reads, or hashing them where another owns them.
+
+    Checked only on a broker whose marker topic exists, that is, one whose topics were all made
+    right: a broker that came back empty may hold topics that producers auto-created at its
+    default count until the scheduler re-creates them. A broker that cannot be reached is not
+    checked: every service starts without one and waits for it anyway.
+    """
+    try:
+        admin = await _admin(settings, wait_s)
+    except KafkaError as err:
+        log.warning("could not check the topics' partition counts (%s); starting anyway", err)
+        return
+    try:
+        if settings.topic(MARKER) not in set(await admin.list_topics()):
+            return
+        specs = topic_specs(settings)
+        counts = await _partition_counts(admin, [spec.name for spec in specs])
+    finally:
+        await admin.close()
+    wrong = [
+        f"{spec.name} has {counts[spec.name]} partitions, but {_count_variable(spec.name, settings)}"
+        f" is {spec.partitions}"
+        for spec in specs
+        if spec.name in counts and counts[spec.name] != spec.partitions
+    ]
+    if wrong:
+        raise SettingsError(
+            "; ".join(wrong) + ". Every service must run with the partition counts the topics were made with."
+        )
+
+
+def _count_variable(topic: str, settings: Settings) -> str:
+    return "JOBSTREAM_CHUNK_PARTITIONS" if topic == settings.topic(CHUNKS) else "JOBSTREAM_JOB_PARTITIONS"
 
 
 async def broker_is_intact(settings: Settings) -> bool:

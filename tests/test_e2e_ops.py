@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from jobstream.embedded.stack import REPO
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.helpers import http_get, scrape, submit, wait_for, watch_all
 from tests.stack import Stack
@@ -105,3 +107,39 @@ async def test_gateway_serves_reflection(channel: grpc.aio.Channel) -> None:
 
     names = {s.name for s in responses[0].list_services_response.service}
     assert {"jobstream.v1.JobService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    ("service", "variable", "value", "says"),
+    [
+        (
+            "services.gateway",
+            "JOBSTREAM_JOB_PARTITIONS",
+            "6",
+            "jobs.submitted has 12 partitions, but JOBSTREAM_JOB_PARTITIONS is 6",
+        ),
+        (
+            "services.scheduler",
+            "JOBSTREAM_JOB_PARTITIONS",
+            "24",
+            "jobs.progress has 12 partitions, but JOBSTREAM_JOB_PARTITIONS is 24",
+        ),
+        (
+            "services.worker",
+            "JOBSTREAM_CHUNK_PARTITIONS",
+            "12",
+            "jobs.chunks has 24 partitions, but JOBSTREAM_CHUNK_PARTITIONS is 12",
+        ),
+    ],
+)
+async def test_a_service_whose_partition_counts_differ_from_the_topics_refuses_to_start(
+    stack: Stack, service: str, variable: str, value: str, says: str
+) -> None:
+    """A stale count would send jobs to partitions no scheduler reads, or hash them onto the
+    partition another scheduler owns; the service says which variable is wrong and exits 2."""
+    env = stack.service_env(JOBSTREAM_METRICS_PORT="0", JOBSTREAM_GATEWAY_LISTEN="127.0.0.1:0", **{variable: value})
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", service], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr, done.stderr
