@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 from jobstream.config import Settings, SettingsError
 from jobstream.kinds import load_kinds
@@ -94,6 +94,11 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _refuse(service: str, err: SettingsError) -> NoReturn:
+    print(f"jobstream {service}: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def _hard_exit(service: str, why: str) -> None:
     logging.getLogger(service).error("%s exiting at once: %s", service, why)
     logging.shutdown()
@@ -106,8 +111,7 @@ def run(service: str, serve: Serve) -> None:
     try:
         settings = Settings.from_env()
     except SettingsError as err:
-        print(f"jobstream {service}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _refuse(service, err)
     setup_logging(settings, service)
     load_kinds(settings.kind_modules)
     freeze_startup_objects()
@@ -129,8 +133,7 @@ def run(service: str, serve: Serve) -> None:
         try:
             await check_partition_counts(settings)
         except SettingsError as err:
-            print(f"jobstream {service}: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _refuse(service, err)
         await serve(settings, stop)
 
     try:

@@ -91,6 +91,11 @@ async def _admin(settings: Settings, wait_s: float) -> AIOKafkaAdminClient:
             await asyncio.sleep(0.2)
 
 
+def _wrong_counts(specs: list[TopicSpec], counts: dict[str, int]) -> list[TopicSpec]:
+    """The topics that exist with another partition count than their spec's."""
+    return [spec for spec in specs if spec.name in counts and counts[spec.name] != spec.partitions]
+
+
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
     existing = set(await admin.list_topics())
     present = [n for n in names if n in existing]
@@ -109,7 +114,7 @@ async def ensure_topics(settings: Settings, *, wait_s: float = 30.0) -> list[str
         for _ in range(10):
             specs = topic_specs(settings)
             counts = await _partition_counts(admin, [s.name for s in specs])
-            wrong = [s for s in specs if s.name in counts and counts[s.name] != s.partitions]
+            wrong = _wrong_counts(specs, counts)
             missing = [s for s in specs if s.name not in counts]
             if not wrong and not missing:
                 return changed
@@ -154,18 +159,17 @@ async def check_partition_counts(settings: Settings, *, wait_s: float = 5.0) -> 
     except KafkaError as err:
         log.warning("could not check the topics' partition counts (%s); starting anyway", err)
         return
+    specs = topic_specs(settings)
     try:
-        if settings.topic(MARKER) not in set(await admin.list_topics()):
-            return
-        specs = topic_specs(settings)
         counts = await _partition_counts(admin, [spec.name for spec in specs])
     finally:
         await admin.close()
+    if settings.topic(MARKER) not in counts:
+        return
     wrong = [
         f"{spec.name} has {counts[spec.name]} partitions, but {_count_variable(spec.name, settings)}"
         f" is {spec.partitions}"
-        for spec in specs
-        if spec.name in counts and counts[spec.name] != spec.partitions
+        for spec in _wrong_counts(specs, counts)
     ]
     if wrong:
         raise SettingsError(
