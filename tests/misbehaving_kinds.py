@@ -3,6 +3,7 @@ JOBSTREAM_KIND_MODULES=tests.misbehaving_kinds (every service loads it, as with 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -15,7 +16,12 @@ from jobstream.kinds.params import Param, ParamSpec
 class Misbehave(JobKind):
     name = "test.misbehave"
     params = ParamSpec(
-        Param("how", str, required=True, choices=("raise", "unserialisable", "oversized", "snoop", "ok")),
+        Param(
+            "how",
+            str,
+            required=True,
+            choices=("raise", "unserialisable", "oversized", "snoop", "finish_despite_cancel", "ok"),
+        ),
     )
     retry = RetryPolicy(max_attempts=2, backoff_initial_s=0, backoff_max_s=0)
 
@@ -37,6 +43,15 @@ class Misbehave(JobKind):
             # What a kind can reach through its context: its public members, nothing else.
             members = sorted(name for name in dir(ctx) if not name.startswith("_"))
             return {"members": members, "referents": sorted({type(r).__name__ for r in gc.get_referents(ctx)})}
+        if how == "finish_despite_cancel":
+            # Code that catches the interruption and returns a result anyway, as a chunk whose work
+            # finishes just before the cancel reaches it does.
+            await asyncio.sleep(0.2)  # past the worker's progress pacing, so the report goes out
+            await ctx.report(0.5, "running")
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                return {"finished": "despite the cancel"}
         return {"ok": True}
 
     def merge(self, params: Mapping[str, JSON], results: Iterable[JSON]) -> JSON:

@@ -4,20 +4,23 @@ error; the worker that ran it lives on and runs the next job."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 from google.protobuf import json_format
 
+from jobstream.states import ChunkState
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.conftest import running_stack
-from tests.helpers import params, watch_all
+from tests.helpers import params, read_rest, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
 if TYPE_CHECKING:
     from tests.helpers import Client
 
 pytestmark = pytest.mark.e2e
+Db = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,25 @@ async def test_a_chunk_reaches_its_own_identity_params_and_progress_only(own_cli
     # params; no pool, producer or worker. (In-process code can dig further; the view is a boundary
     # for honest code, not a sandbox.)
     assert set(seen["referents"]) <= {"type", "ChunkRun", "str", "int", "mappingproxy"}, seen["referents"]
+
+
+async def test_a_chunk_that_returns_after_its_job_was_cancelled_does_not_stay_running(
+    own_client: Client, own_db: Db
+) -> None:
+    request = pb.SubmitRequest(kind="test.misbehave", params=params(how="finish_despite_cancel"))
+    job = (await own_client.Submit(request)).job
+    stream, events = await watch_until(own_client, job.id, lambda e: e.type == pb.JOB_PROGRESS)
+
+    await own_client.Cancel(pb.CancelRequest(job_id=job.id, reason="test says stop"))
+    events += await read_rest(stream, job.id)
+
+    assert events[-1].type == pb.JOB_CANCELLED
+
+    # The chunk's code returned a result instead of stopping, and its worker reported a success
+    # for a job already cancelled: the attempt has ended all the same, so the chunk must not stay
+    # RUNNING (its worker would keep its lease alive for minutes).
+    async def chunk_ended() -> bool:
+        cur = await own_db.execute("SELECT state, lease_expires_at FROM chunks WHERE job_id = %s", (job.id,))
+        return await cur.fetchall() == [(ChunkState.CANCELLED, None)]
+
+    await wait_for(chunk_ended, within=15, what="the chunk to be recorded as stopped")

@@ -45,6 +45,12 @@ class JobWork:
     deadline: bool = False
 
 
+# The reports after which an attempt no longer runs.
+ATTEMPT_ENDED = frozenset(
+    {bus_pb2.CHUNK_SUCCEEDED, bus_pb2.CHUNK_FAILED, bus_pb2.CHUNK_CANCELLED, bus_pb2.CHUNK_RELEASED}
+)
+
+
 @dataclass
 class Outbound:
     tasks: list[bus_pb2.ChunkTask] = field(default_factory=list)
@@ -241,7 +247,7 @@ class JobMachine:
     ) -> None:
         """Runs a chunk again whose worker is gone or gave it back; not a failure of the chunk."""
         if JobState(job.state).terminal:
-            await store.mark_cancelled(conn, job.id, [idx])
+            await store.mark_cancelled(conn, job.id, [(idx, attempt)])
             return
         next_attempt = await store.requeue(conn, job.id, idx, attempt, lease_expired=lease_expired)
         if next_attempt is None:
@@ -264,14 +270,12 @@ class JobMachine:
             job.changed = True
             changed = True
         if JobState(job.state).terminal:
-            stopped = [r.chunk_index for r in reports if r.type == bus_pb2.CHUNK_CANCELLED]
-            if stopped:
-                await store.mark_cancelled(conn, job.id, stopped)
+            await self._stopped_after_end(conn, job, reports)
             return False
         newest = max(reports, key=lambda r: (r.time.seconds, r.time.nanos)).time
         if newest.seconds:
             self._report_time[job.id] = newest
-        for report in reports:
+        for n, report in enumerate(reports, start=1):
             if report.type == bus_pb2.CHUNK_PROGRESS:
                 tracker.chunk_progress(report.chunk_index, report.fraction)
                 if report.message:
@@ -280,13 +284,26 @@ class JobMachine:
             elif report.type == bus_pb2.CHUNK_FAILED:
                 changed |= await self._chunk_failed(conn, job, report, out)
             elif report.type == bus_pb2.CHUNK_CANCELLED:
-                await store.mark_cancelled(conn, job.id, [report.chunk_index])
+                await store.mark_cancelled(conn, job.id, [(report.chunk_index, report.attempt)])
             elif report.type == bus_pb2.CHUNK_RELEASED:
                 reason = f"worker {report.worker_id} stopped and gave the chunk back"
                 await self._requeue(conn, job, report.chunk_index, report.attempt, out, reason)
             if JobState(job.state).terminal:
+                await self._stopped_after_end(conn, job, reports[n:])
                 return False
         return changed
+
+    async def _stopped_after_end(self, conn: Conn, job: JobRow, reports: list[bus_pb2.ChunkReport]) -> None:
+        """Ends the running attempts that reported their end after their job ended.
+
+        The job's outcome is settled, so whatever an attempt says now (it succeeded, failed, stopped
+        or gave the chunk back) only means it no longer runs. A chunk whose code finished before the
+        cancel reached it would otherwise stay RUNNING, its lease kept alive by its worker, for
+        minutes after its job was CANCELLED.
+        """
+        ended = [(r.chunk_index, r.attempt) for r in reports if r.type in ATTEMPT_ENDED]
+        if ended:
+            await store.mark_cancelled(conn, job.id, ended)
 
     async def _chunk_failed(self, conn: Conn, job: JobRow, report: bus_pb2.ChunkReport, out: Outbound) -> bool:
         idx, attempt = report.chunk_index, report.attempt

@@ -305,13 +305,13 @@ async def fail_chunk(conn: Conn, job_id: uuid.UUID, idx: int, error: str) -> Non
     )
 
 
-async def mark_cancelled(conn: Conn, job_id: uuid.UUID, running_idx: Sequence[int] | None = None) -> None:
-    """Cancels the job's pending chunks, or just the given running ones a worker reported stopped.
+async def mark_cancelled(conn: Conn, job_id: uuid.UUID, stopped: Sequence[tuple[int, int]] | None = None) -> None:
+    """Cancels the job's pending chunks, or just the running attempts (idx, attempt) that stopped.
 
     Running chunks stay running until their worker says they stopped, so the chunk table tells
-    the truth about what still runs.
+    the truth about what still runs; an older attempt's word leaves a newer one running.
     """
-    if running_idx is None:
+    if stopped is None:
         await conn.execute(
             "UPDATE chunks SET state = %s, finished_at = now() WHERE job_id = %s AND state = %s",
             (ChunkState.CANCELLED, job_id, ChunkState.PENDING),
@@ -319,8 +319,15 @@ async def mark_cancelled(conn: Conn, job_id: uuid.UUID, running_idx: Sequence[in
     else:
         await conn.execute(
             "UPDATE chunks SET state = %s, finished_at = now(), lease_expires_at = NULL"
-            " WHERE job_id = %s AND idx = ANY(%b) AND state = %s",
-            (ChunkState.CANCELLED, job_id, list(running_idx), ChunkState.RUNNING),
+            " WHERE job_id = %s AND state = %s"
+            " AND (idx, attempt) IN (SELECT * FROM unnest(%b::int[], %b::int[]))",
+            (
+                ChunkState.CANCELLED,
+                job_id,
+                ChunkState.RUNNING,
+                [idx for idx, _ in stopped],
+                [attempt for _, attempt in stopped],
+            ),
         )
 
 
