@@ -83,3 +83,17 @@ async def test_a_chunk_waiting_for_a_slot_is_cancelled_without_running() -> None
     assert [r.type for r in reports] == [bus_pb2.CHUNK_CANCELLED]
     busy.abandon()
     await asyncio.gather(busy_task, return_exceptions=True)
+
+
+async def test_a_run_cancelled_before_its_task_first_ran_reports_the_stop() -> None:
+    # A cancel can land between the worker creating a chunk's task and the task's first step;
+    # cancelling the task then would end it before run() begins, and nothing would tell the
+    # scheduler that the chunk stopped.
+    reports: list[bus_pb2.ChunkReport] = []
+    slots = _Slots()
+    run = _run(60_000, slots, reports)
+    run.asyncio_task = asyncio.create_task(run.run())
+    run.cancel()
+    await asyncio.wait_for(run.asyncio_task, 5)
+    assert not slots.asked.is_set() and not run.started and run.ran_s is None
+    assert [r.type for r in reports] == [bus_pb2.CHUNK_CANCELLED]

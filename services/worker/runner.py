@@ -74,6 +74,9 @@ class ChunkRun:
         self._cancelled = False
         # Claimed chunks wait for one of the worker's slots; until then the kind's code has not run.
         self.started = False
+        # Whether run() has begun: a task cancelled before its first step never enters run(), so
+        # it could not report the stop.
+        self._begun = False
         # How long the kind's code ran, once it ended on its own: a run cut short by Cancel or a
         # stopping worker says nothing about how long the kind's chunks take.
         self.ran_s: float | None = None
@@ -91,9 +94,10 @@ class ChunkRun:
         return self._cancelled
 
     def cancel(self) -> None:
-        """The job was cancelled (or ended): interrupt the kind's code at its next await."""
+        """The job was cancelled (or ended): interrupt the kind's code at its next await, or, if
+        the run has not begun, have it report the stop instead of running."""
         self._cancelled = True
-        if self.asyncio_task is not None:
+        if self.asyncio_task is not None and self._begun:
             self.asyncio_task.cancel()
 
     def abandon(self) -> None:
@@ -122,6 +126,10 @@ class ChunkRun:
         )
 
     async def run(self) -> None:
+        self._begun = True
+        if self._cancelled:
+            await self._report_cancelled()
+            return
         try:
             await self._slots.acquire()
         except asyncio.CancelledError:
