@@ -82,11 +82,15 @@ async def test_a_chunk_that_returns_after_its_job_was_cancelled_does_not_stay_ru
 
     assert events[-1].type == pb.JOB_CANCELLED
 
-    # The chunk's code returned a result instead of stopping, and its worker reported a success
-    # for a job already cancelled: the attempt has ended all the same, so the chunk must not stay
-    # RUNNING (its worker would keep its lease alive for minutes).
+    # The chunk's code returned a result instead of stopping, and its worker reported a success.
+    # Read in the scheduler's batch that applies the cancel, the success counts (SUCCEEDED); read
+    # after the job was cancelled, it only says the attempt ended (CANCELLED). Either way the chunk
+    # must not stay RUNNING, its lease kept alive for minutes by the worker that reported.
     async def chunk_ended() -> bool:
-        cur = await own_db.execute("SELECT state, lease_expires_at FROM chunks WHERE job_id = %s", (job.id,))
-        return await cur.fetchall() == [(ChunkState.CANCELLED, None)]
+        cur = await own_db.execute("SELECT state FROM chunks WHERE job_id = %s", (job.id,))
+        return await cur.fetchall() != [(ChunkState.RUNNING,)]
 
-    await wait_for(chunk_ended, within=15, what="the chunk to be recorded as stopped")
+    await wait_for(chunk_ended, within=15, what="the chunk to leave RUNNING")
+    cur = await own_db.execute("SELECT state, lease_expires_at FROM chunks WHERE job_id = %s", (job.id,))
+    (state, lease), *others = await cur.fetchall()
+    assert not others and state in (ChunkState.CANCELLED, ChunkState.SUCCEEDED) and lease is None, (state, lease)
