@@ -138,22 +138,21 @@ class Worker:
                 continue
             for task in wanted:
                 if (task.job_id, task.chunk_index) in held:
-                    run = self._start(task, claimed_from + self._settings.lease_seconds)
-                    if task.job_id in self._cancelled:
-                        # The cancel arrived while the claim was under way (the claim went in
-                        # before it): the chunk reports itself stopped instead of running.
-                        run.cancel()
+                    self._start(task, claimed_from + self._settings.lease_seconds)
             # After the starts, so no chunk waits for the broker: Postgres already holds the claims.
             with contextlib.suppress(KafkaError):
                 await self._member.consumer.commit()
 
-    def _start(self, task: bus_pb2.ChunkTask, lease_until: float) -> ChunkRun:
+    def _start(self, task: bus_pb2.ChunkTask, lease_until: float) -> None:
         run = ChunkRun(task, self._settings.worker_id, self._send_report, self._slots)
         run.lease_until = lease_until
         self._running[run.key] = run
         run.asyncio_task = asyncio.create_task(run.run())
         run.asyncio_task.add_done_callback(lambda _: self._finished(run))
-        return run
+        if task.job_id in self._cancelled:
+            # The cancel came while the claim (made before it) was under way, so cancel_job found
+            # no run of the job: this one reports itself stopped instead of running.
+            run.cancel()
 
     def _finished(self, run: ChunkRun) -> None:
         self._running.pop(run.key, None)
