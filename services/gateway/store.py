@@ -41,6 +41,7 @@ JobRow = dict[str, Any]
 EVENTS_PAGE = 500
 Created = tuple[JobRow, bool]  # the job, and whether this call stored it
 Owned = tuple[str, JobRow]  # the caller's tenant, and its job
+KeyAndJob = tuple[api_keys.KeyRow | None, JobRow | None]  # an unrevoked key's row, and its tenant's job
 Outcomes = list[Created | Exception | None]  # one per call or job of a batch; None while undecided
 
 
@@ -287,7 +288,7 @@ class JobStore:
     async def _jobs_batch(self, calls: list[tuple[str, uuid.UUID]]) -> list[Owned | Exception]:
         parsed = api_keys.parse_tokens([token for token, _ in calls])
         asked = [(p[0], job_id) for p, (_, job_id) in zip(parsed, calls, strict=True) if isinstance(p, tuple)]
-        found: dict[tuple[str, uuid.UUID], JobRow] = {}
+        found: dict[tuple[str, uuid.UUID], KeyAndJob] = {}  # by (key id, job id) asked
         if asked:  # malformed tokens alone cost no query
             async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
@@ -298,18 +299,21 @@ class JobStore:
                     "   WHERE id = r.wanted AND tenant_id = k.tenant_id) j ON true",
                     ([key_id for key_id, _ in asked], [job_id for _, job_id in asked]),
                 )
-                found = {(row.pop("key_id"), row.pop("wanted")): row for row in await cur.fetchall()}
+                for row in await cur.fetchall():
+                    asked_for = (row.pop("key_id"), row.pop("wanted"))
+                    key_row = (row.pop("key_tenant"), bytes(row.pop("secret_sha256")))
+                    found[asked_for] = (key_row, row if row["id"] is not None else None)
         outcomes: list[Owned | Exception] = []
+        nothing: KeyAndJob = (None, None)
         for p, (_, job_id) in zip(parsed, calls, strict=True):
-            row = found.get((p[0], job_id)) if isinstance(p, tuple) else None
-            key = (row["key_tenant"], bytes(row["secret_sha256"])) if row is not None else None
+            key, job = found.get((p[0], job_id), nothing) if isinstance(p, tuple) else nothing
             tenant = api_keys.verify(p, key)
             if isinstance(tenant, Exception):
                 outcomes.append(tenant)
-            elif row is None or row["id"] is None:
+            elif job is None:
                 outcomes.append(NotFound(f"job {job_id} not found"))
             else:
-                outcomes.append((tenant, {k: v for k, v in row.items() if k not in ("key_tenant", "secret_sha256")}))
+                outcomes.append((tenant, job))
         return outcomes
 
     async def request_cancel(self, tenant_id: str, job_id: uuid.UUID, reason: str) -> JobRow:
