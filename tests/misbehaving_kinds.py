@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 from jobstream.kinds import register
 from jobstream.kinds.api import JSON, ChunkContext, JobKind, RetryPolicy
 from jobstream.kinds.params import Param, ParamSpec
+
+# finish_despite_cancel's work, and its wait for the release file: a minute each, in steps.
+STEPS = 1200
+STEP_SECONDS = 0.05
 
 
 @register
@@ -22,6 +27,7 @@ class Misbehave(JobKind):
             required=True,
             choices=("raise", "unserialisable", "oversized", "snoop", "finish_despite_cancel", "ok"),
         ),
+        Param("release", str, doc="finish_despite_cancel: the file whose creation lets it return"),
     )
     retry = RetryPolicy(max_attempts=2, backoff_initial_s=0, backoff_max_s=0)
 
@@ -44,14 +50,22 @@ class Misbehave(JobKind):
             members = sorted(name for name in dir(ctx) if not name.startswith("_"))
             return {"members": members, "referents": sorted({type(r).__name__ for r in gc.get_referents(ctx)})}
         if how == "finish_despite_cancel":
-            # Code that catches the interruption and returns a result anyway, as a chunk whose work
-            # finishes just before the cancel reaches it does.
-            await asyncio.sleep(0.2)  # past the worker's progress pacing, so the report goes out
-            await ctx.report(0.5, "running")
+            # Code that catches the interruption and returns a result anyway, once the test has
+            # seen the job cancelled and created the `release` file. Its success is then reported
+            # after the job ended, as happens to a chunk whose work finishes just before the cancel
+            # reaches it. It works in steps, reporting each (the worker passes on what its pacing
+            # allows), for at most a minute.
+            release = Path(str(ctx.params["release"]))
             try:
-                await asyncio.sleep(60)
+                for step in range(STEPS):
+                    await ctx.report(step / STEPS, "running")
+                    await asyncio.sleep(STEP_SECONDS)
             except asyncio.CancelledError:
-                return {"finished": "despite the cancel"}
+                for _ in range(STEPS):
+                    if await asyncio.to_thread(release.exists):
+                        return {"finished": "despite the cancel"}
+                    await asyncio.sleep(STEP_SECONDS)
+                raise
         return {"ok": True}
 
     def merge(self, params: Mapping[str, JSON], results: Iterable[JSON]) -> JSON:

@@ -4,6 +4,7 @@ error; the worker that ran it lives on and runs the next job."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -71,21 +72,22 @@ async def test_a_chunk_reaches_its_own_identity_params_and_progress_only(own_cli
 
 
 async def test_a_chunk_that_returns_after_its_job_was_cancelled_does_not_stay_running(
-    own_client: Client, own_db: Db
+    own_client: Client, own_db: Db, tmp_path: Path
 ) -> None:
-    request = pb.SubmitRequest(kind="test.misbehave", params=params(how="finish_despite_cancel"))
+    release = tmp_path / "release"
+    how = params(how="finish_despite_cancel", release=str(release))
+    request = pb.SubmitRequest(kind="test.misbehave", params=how)
     job = (await own_client.Submit(request)).job
     stream, events = await watch_until(own_client, job.id, lambda e: e.type == pb.JOB_PROGRESS)
 
     await own_client.Cancel(pb.CancelRequest(job_id=job.id, reason="test says stop"))
     events += await read_rest(stream, job.id)
-
     assert events[-1].type == pb.JOB_CANCELLED
+    release.touch()  # only now does the chunk's code return its result: a success after the job ended
 
-    # The chunk's code returned a result instead of stopping, and its worker reported a success.
-    # Read in the scheduler's batch that applies the cancel, the success counts (SUCCEEDED); read
-    # after the job was cancelled, it only says the attempt ended (CANCELLED). Either way the chunk
-    # must not stay RUNNING, its lease kept alive for minutes by the worker that reported.
+    # The chunk's code returned a result instead of stopping, and its worker reported a success
+    # for a job already cancelled: it only says the attempt ended. The chunk must not stay RUNNING,
+    # its lease kept alive for minutes by the worker that reported.
     async def chunk_ended() -> bool:
         cur = await own_db.execute("SELECT state FROM chunks WHERE job_id = %s", (job.id,))
         return await cur.fetchall() != [(ChunkState.RUNNING,)]
