@@ -11,7 +11,7 @@ import psycopg
 from bench.client import Stub, channel, submit, watch_to_end
 from bench.client import stub as make_stub
 from bench.sizes import Sizes
-from bench.stack import STATS_FLUSH_S, BenchStack
+from bench.stack import BenchStack
 from bench.stats import Run
 from jobstream.v1 import jobstream_pb2 as pb
 
@@ -21,17 +21,17 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
     async with channel(stack.gateway_addr, stack.token) as ch:
         stub = make_stub(ch)
         for _ in range(repeat):
-            runs.append(await _one(stack, stub, sizes.big_chunks))
+            runs.append(await _one(stack, stub, sizes.big_chunks, sizes.stats_flush_s))
     return runs
 
 
-async def _one(stack: BenchStack, stub: Stub, chunks: int) -> Run:
+async def _one(stack: BenchStack, stub: Stub, chunks: int, stats_flush_s: float) -> Run:
     before = await _written(stack.database_url)
     types: list[int] = []
     started = time.time()
     job_id = await submit(stub, chunks=chunks, ms=0)
     ended = await watch_to_end(stub, job_id, lambda event, _: types.append(event.type))
-    await asyncio.sleep(STATS_FLUSH_S)
+    await asyncio.sleep(stats_flush_s)
     after = await _written(stack.database_url)
     figures: Run = {
         "chunks_per_s": chunks / (ended - started),

@@ -22,7 +22,7 @@ from aiokafka import TopicPartition
 from bench.client import Stub, channel, submit, watch_to_end
 from bench.client import stub as make_stub
 from bench.sizes import Sizes
-from bench.stack import STATS_FLUSH_S, BenchStack
+from bench.stack import BenchStack
 from bench.stats import Run
 from jobstream import topics
 from jobstream.embedded.ports import free_port
@@ -42,9 +42,9 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
         stub = make_stub(ch)
         for _ in range(repeat):
             figures: Run = {}
-            figures.update(await _measure(stack, "chunk", lambda: _chunks(stub, sizes)))
+            figures.update(await _measure(stack, "chunk", lambda: _chunks(stub, sizes), sizes.stats_flush_s))
             async with _idle_gateway(stack):
-                figures.update(await _measure(stack, "event", lambda: _events(stub, sizes)))
+                figures.update(await _measure(stack, "event", lambda: _events(stub, sizes), sizes.stats_flush_s))
             runs.append(figures)
     return runs
 
@@ -82,14 +82,14 @@ async def _events(stub: Stub, sizes: Sizes) -> int:
     return delivered
 
 
-async def _measure(stack: BenchStack, unit: str, load: Callable[[], Awaitable[int]]) -> Run:
+async def _measure(stack: BenchStack, unit: str, load: Callable[[], Awaitable[int]], stats_flush_s: float) -> Run:
     """Runs the load and divides what the system spent by the units it reports."""
     tap = _KafkaTap(stack)
     await tap.start()
     try:
         cpu_before, pg_before = _cpu(stack), await _postgres(stack.database_url)
         units = await load()
-        await asyncio.sleep(STATS_FLUSH_S)
+        await asyncio.sleep(stats_flush_s)
         cpu_after, pg_after = _cpu(stack), await _postgres(stack.database_url)
     finally:
         await tap.stop()

@@ -15,9 +15,6 @@ from jobstream.embedded.procs import descendants
 from jobstream.embedded.stack import LocalStack
 from jobstream.states import JobState
 
-# Postgres backends publish their statistics (pg_stat_database) only after about 10 s idle; read them
-# this long after a load, or most of its rows and transactions are not counted yet.
-STATS_FLUSH_S = 11.0
 # Stopped workers stay silent group members until their session (10 s) expires, so waiting for the
 # group to settle after a resize takes about that long.
 GROUP_SETTLE_TIMEOUT = 60.0
