@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobstream.bus.v1 import bus_pb2
-from jobstream.events import dumps, now_timestamp, to_struct
+from jobstream.events import now_timestamp, to_struct
 from jobstream.job_options import allows_partial, chunk_timeout_s, retry_policy
 from jobstream.kinds import JobKind, get_kind
 from jobstream.progress import ProgressTracker
@@ -204,7 +204,7 @@ class JobMachine:
         job.started_at = time.time()
         self._event(job, out, pb.JOB_STARTED, message=f"split into {len(payloads)} chunks")
         self._pacer.started(job.id, time.monotonic())
-        params = dumps(job.params).encode()
+        params = job.params_json.encode()
         timeout_ms = _timeout_ms(kind, job)
         for idx, payload in enumerate(payloads):
             out.tasks.append(_task(job, kind, idx, 1, payload, params, timeout_ms))
@@ -223,7 +223,7 @@ class JobMachine:
         scheduler that took the job over and never saw the failures that set those timers.
         """
         kind = get_kind(job.kind)
-        params = dumps(job.params).encode()
+        params = job.params_json.encode()
         timeout_ms = _timeout_ms(kind, job)
         await self.flush_chunks(conn)
         due, later = await store.pending_chunks(conn, job.id, only)

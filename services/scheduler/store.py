@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,8 +35,8 @@ class JobRow:
     id: uuid.UUID
     tenant_id: str
     kind: str
-    params: dict[str, Any]
-    options: dict[str, Any]
+    params_json: str  # as Postgres writes the stored jsonb out
+    options_json: str
     state: int
     total_chunks: int
     done_chunks: int
@@ -47,6 +49,16 @@ class JobRow:
     error: str = ""
     finished: bool = False
     changed: bool = False
+
+    # Parsed only when a batch needs them (to split the job, retry or finish it): most batches
+    # only count progress, and parsing every locked job's JSON cost the scheduler 5% of its time.
+    @functools.cached_property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def options(self) -> dict[str, Any]:
+        return json.loads(self.options_json)  # type: ignore[no-any-return]
 
 
 # How long a scheduler taking partitions over waits for a batch the old owner has under way.
@@ -116,8 +128,8 @@ async def lock_jobs(conn: Conn, job_ids: Sequence[uuid.UUID], epochs: Mapping[in
     """
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "SELECT j.id, j.tenant_id, j.kind, j.params, j.options, j.state, j.total_chunks, j.done_chunks,"
-            " j.failed_chunks, j.progress_message, j.last_seq,"
+            "SELECT j.id, j.tenant_id, j.kind, j.params::text AS params_json, j.options::text AS options_json,"
+            " j.state, j.total_chunks, j.done_chunks, j.failed_chunks, j.progress_message, j.last_seq,"
             " j.cancel_requested_at IS NOT NULL AS cancel_requested,"
             " extract(epoch FROM j.started_at)::float8 AS started_at"
             " FROM jobs j JOIN partition_owners o ON o.partition = j.partition"
