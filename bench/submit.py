@@ -44,6 +44,8 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
             figures.update(await _closed_loop(submit, sizes.callers, sizes.closed_loop_seconds, "callers"))
             await stack.wait_quiet()
             figures.update(await _closed_loop(nothing, sizes.callers, sizes.closed_loop_seconds, "bare_callers"))
+            # The open-loop rate against the bare handler: this machine's floor under the Submit p99.
+            figures.update(await _open_loop(nothing, sizes.open_loop_rate, sizes.open_loop_seconds, "bare_open_loop"))
             figures["callers_vs_bare"] = figures["callers_per_s"] / figures["bare_callers_per_s"]
             runs.append(figures)
     return runs
