@@ -55,7 +55,7 @@ def security(settings: Settings) -> dict[str, Any]:
     return found
 
 
-def make_producer(settings: Settings, *, linger_ms: int = 0) -> AIOKafkaProducer:
+def make_producer(settings: Settings) -> AIOKafkaProducer:
     """No linger: a message goes out as soon as the producer has no request in flight, and what
     arrives while one is in flight goes out together in the next (one request per broker at a
     time), so batches grow with the load without a timer, as Postgres batches do
@@ -64,7 +64,7 @@ def make_producer(settings: Settings, *, linger_ms: int = 0) -> AIOKafkaProducer
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
-        linger_ms=linger_ms,
+        linger_ms=0,
         max_batch_size=256 * 1024,
         max_request_size=8 * 1024 * 1024,
         request_timeout_ms=15_000,
