@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import bigjob, cancel, capacity, events, fanout, report, submit, throughput, transport
+from bench import bigjob, cancel, capacity, events, fanout, host, report, submit, throughput, transport
 from bench.sizes import FULL, SMOKE, Sizes
 from bench.stack import BenchStack
 from bench.stats import Figure, Run, aggregate
@@ -146,14 +146,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.WARNING)
     sizes = SMOKE if args.smoke else FULL
     started = time.monotonic()
+    loop_before, ticks_before = host.python_loop_ms(), host.cpu_ticks()
     with tempfile.TemporaryDirectory(prefix="jobstream-bench-") as tmp:
         outcome = asyncio.run(run(args.only, sizes, args.repeat, Path(tmp), SMOKE_LIMIT_S if args.smoke else LIMIT_S))
     figures = outcome.figures
+    shares = host.shares(ticks_before, host.cpu_ticks())
     body: dict[str, object] = {
         "size": "smoke" if args.smoke else "full",
         "repeat": args.repeat,
         "seconds": time.monotonic() - started,
         "machine": report.machine(),
+        "host": {"python_loop_ms_before": loop_before, "python_loop_ms_after": host.python_loop_ms(), **shares},
         "targets": report.targets(figures),
         "scenarios": figures,
         "errors": outcome.errors,

@@ -27,4 +27,7 @@ async def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -
         for figure, value in figures.items():
             assert math.isfinite(value["median"]), f"{name}.{figure} is {value['median']}"
     assert report["not_implemented"] == list(NOT_IMPLEMENTED)
+    measured = report["host"]
+    assert measured["python_loop_ms_before"] > 0 and measured["python_loop_ms_after"] > 0
+    assert 0 <= measured["steal_share"] <= 1 and 0 < measured["busy_share"] <= 1
     assert json_path.with_suffix(".md").read_text().startswith("# jobstream bench")
