@@ -1,9 +1,9 @@
 """How fast the host ran and how much of it the bench had, so runs on different days compare.
 
 The same code on the same kind of machine has measured two to three times slower on one day than
-on another (a shared host's neighbours, not the code): every latency and rate moves with it. The
-report therefore carries a fixed pure-Python workload's time, taken before and after the
-scenarios, and the share of CPU time the hypervisor gave to other guests while they ran.
+on another, with little CPU time stolen by the hypervisor: every latency and rate moves with the
+host. The report therefore carries a fixed pure-Python workload's time, taken before and after
+the scenarios, and the shares of CPU time the machine was busy and lost to other guests.
 """
 
 from __future__ import annotations
