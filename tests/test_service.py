@@ -9,16 +9,17 @@ import textwrap
 
 from jobstream.embedded.ports import free_port
 from jobstream.embedded.stack import REPO
+from jobstream.service import YOUNG_COLLECTION_THRESHOLD
 
 
-def test_a_service_starts_with_its_imports_frozen_out_of_garbage_collection() -> None:
+def test_a_service_starts_with_its_imports_frozen_and_its_young_collections_spaced_out() -> None:
     script = textwrap.dedent(
         """
         import gc
         from jobstream.service import run
 
         async def serve(settings, stop):
-            print("frozen", gc.get_freeze_count(), flush=True)
+            print("frozen", gc.get_freeze_count(), "thresholds", *gc.get_threshold(), flush=True)
 
         run("probe", serve)
         """
@@ -29,6 +30,9 @@ def test_a_service_starts_with_its_imports_frozen_out_of_garbage_collection() ->
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    frozen = int(done.stdout.split()[-1])
+    words = done.stdout.split()
+    frozen, thresholds = int(words[1]), tuple(int(w) for w in words[3:6])
     # The imports alone hold tens of thousands of objects; a handful would mean nothing was frozen.
     assert frozen > 10_000, done.stdout
+    # The young generation at YOUNG_COLLECTION_THRESHOLD, the older ones at the interpreter's ratios.
+    assert thresholds == (YOUNG_COLLECTION_THRESHOLD, 10, 10), done.stdout
