@@ -146,17 +146,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.WARNING)
     sizes = SMOKE if args.smoke else FULL
     started = time.monotonic()
-    loop_before, ticks_before = host.python_loop_ms(), host.cpu_ticks()
+    host_at_start = host.start()
     with tempfile.TemporaryDirectory(prefix="jobstream-bench-") as tmp:
         outcome = asyncio.run(run(args.only, sizes, args.repeat, Path(tmp), SMOKE_LIMIT_S if args.smoke else LIMIT_S))
     figures = outcome.figures
-    shares = host.shares(ticks_before, host.cpu_ticks())
+    host_figures = host.finish(host_at_start)
     body: dict[str, object] = {
         "size": "smoke" if args.smoke else "full",
         "repeat": args.repeat,
         "seconds": time.monotonic() - started,
         "machine": report.machine(),
-        "host": {"python_loop_ms_before": loop_before, "python_loop_ms_after": host.python_loop_ms(), **shares},
+        "host": host_figures,
         "targets": report.targets(figures),
         "scenarios": figures,
         "errors": outcome.errors,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # The workload's size: 0.1 to 0.2 s a run on the 2-core development machine.
@@ -52,6 +53,33 @@ def shares(before: CpuTicks, after: CpuTicks) -> dict[str, float]:
     if total <= 0:
         return {"busy_share": 0.0, "steal_share": 0.0}
     return {"busy_share": (after.busy - before.busy) / total, "steal_share": (after.steal - before.steal) / total}
+
+
+@dataclass(frozen=True)
+class Start:
+    """What was measured before the scenarios, to set against what is measured after them."""
+
+    loop_ms: float
+    ticks: CpuTicks
+
+
+def start() -> Start:
+    return Start(python_loop_ms(), cpu_ticks())
+
+
+def finish(started: Start) -> dict[str, float]:
+    """The report's `host` figures: the loop before and after, and the shares in between."""
+    between = shares(started.ticks, cpu_ticks())
+    return {"python_loop_ms_before": started.loop_ms, "python_loop_ms_after": python_loop_ms(), **between}
+
+
+def summary(measured: Mapping[str, float]) -> str:
+    """The report's line for the figures `finish` returned."""
+    return (
+        f"Host speed (bench.host, a fixed Python loop): {measured['python_loop_ms_before']:.0f} ms before the"
+        f" scenarios, {measured['python_loop_ms_after']:.0f} ms after; during them the machine was busy"
+        f" {measured['busy_share']:.0%} of its CPU time and lost {measured['steal_share']:.1%} to other guests."
+    )
 
 
 def python_loop_ms() -> float:

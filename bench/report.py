@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bench import host
 from bench.stats import Figure
 
 Results = Mapping[str, Mapping[str, Figure]]
@@ -123,26 +124,16 @@ def _number(value: object) -> str:
     return f"{value:.3g}"
 
 
-def _host_line(measured: object) -> str:
-    if not isinstance(measured, dict):
-        return ""
-    return (
-        f"Host speed (bench.host, a fixed Python loop): {measured['python_loop_ms_before']:.0f} ms before the"
-        f" scenarios, {measured['python_loop_ms_after']:.0f} ms after; during them the machine was busy"
-        f" {measured['busy_share']:.0%} of its CPU time and lost {measured['steal_share']:.1%} to other guests."
-    )
-
-
 def markdown(report: Mapping[str, object]) -> str:
-    m = report["machine"]
-    assert isinstance(m, dict)
+    m, measured = report["machine"], report["host"]
+    assert isinstance(m, dict) and isinstance(measured, dict)
     lines = [
         f"# jobstream bench ({report['size']}, {report['repeat']} runs each)",
         "",
         f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}; Python {m['python']}; "
         f"commit {m['commit']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"Took {report['seconds']:.0f} s. Figures are medians, with min and max over the runs.",
-        _host_line(report.get("host")),
+        host.summary(measured),
         "",
         "## Targets",
         "",
