@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 else:
     Stub = pb_grpc.JobServiceStub
 
-__all__ = ["OWN_CONNECTION", "Stub", "channel", "event_age", "params", "stub", "submit", "watch_to_end"]
+__all__ = ["OWN_CONNECTION", "Stub", "channel", "event_age", "event_time", "params", "stub", "submit", "watch_to_end"]
 
 # Each channel gets its own TCP connection (gRPC otherwise shares one between equal channels), so
 # "several client connections" means what it says.
@@ -46,9 +46,14 @@ async def submit(stub: Stub, kind: str = "demo.sleep", **values: Any) -> str:
     return str(response.job.id)
 
 
+def event_time(event: pb.JobEvent) -> float:
+    """The event's wall time in seconds: the worker's report for progress, else the scheduler's."""
+    return event.time.seconds + event.time.nanos / 1e9
+
+
 def event_age(event: pb.JobEvent, now: float) -> float:
-    """Seconds since the event's time (the worker's report for progress, else the scheduler's)."""
-    return now - (event.time.seconds + event.time.nanos / 1e9)
+    """Seconds since the event's time."""
+    return now - event_time(event)
 
 
 async def watch_to_end(stub: Stub, job_id: str, seen: Callable[[pb.JobEvent, float], None] | None = None) -> float:

@@ -4,15 +4,17 @@ about `event_rate` events per second.
 Each job runs one demo.sleep chunk that reports every 250 ms, and the scheduler passes on at most
 one progress event per job per 200 ms, so each job yields about 4 events a second and the rate
 comes from running rate/4 jobs at once. A progress event carries the time of the worker report
-behind it, so its age on arrival is the latency asked for.
+behind it, so its age on arrival is the latency asked for. Each run also splits that latency where
+the scheduler published the event (bench.published): `until_published` and `since_published`.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from bench.client import Stub, channel, event_age, submit, watch_to_end
+from bench.client import Stub, channel, event_age, event_time, submit, watch_to_end
 from bench.client import stub as make_stub
+from bench.published import EventKey, Published, split_at_publish
 from bench.sizes import Sizes
 from bench.stack import BenchStack
 from bench.stats import Run, latencies_ms
@@ -30,19 +32,25 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
     async with channel(stack.gateway_addr, stack.token) as ch:
         stub = make_stub(ch)
         for _ in range(repeat):
-            runs.append(await _one(stub, jobs, ms))
+            async with Published(stack.settings) as published:
+                run, seen = await _one(stub, jobs, ms)
+                until, since = split_at_publish(seen, await published.read())
+            runs.append({**run, **latencies_ms("until_published", until), **latencies_ms("since_published", since)})
             await asyncio.sleep(0.5)
     return runs
 
 
-async def _one(stub: Stub, jobs: int, ms: int) -> Run:
+async def _one(stub: Stub, jobs: int, ms: int) -> tuple[Run, dict[EventKey, tuple[float, float]]]:
+    """The run's figures, and each progress event's (time, arrival) by (job id, seq)."""
     ages: list[float] = []
     arrivals: list[float] = []
+    times: dict[EventKey, tuple[float, float]] = {}
 
     def seen(event: pb.JobEvent, now: float) -> None:
         if event.type == pb.JOB_PROGRESS:
             ages.append(event_age(event, now))
             arrivals.append(now)
+            times[(event.job_id, event.seq)] = (event_time(event), now)
 
     async def job() -> None:
         await watch_to_end(stub, await submit(stub, chunks=1, ms=ms), seen)
@@ -50,4 +58,4 @@ async def _one(stub: Stub, jobs: int, ms: int) -> Run:
     await asyncio.gather(*(job() for _ in range(jobs)))
     window = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
     rate = len(arrivals) / window if window else 0.0
-    return {**latencies_ms("event", ages), "events_per_s": rate, "jobs": float(jobs)}
+    return {**latencies_ms("event", ages), "events_per_s": rate, "jobs": float(jobs)}, times

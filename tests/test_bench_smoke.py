@@ -27,6 +27,11 @@ async def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -
         for figure, value in figures.items():
             assert math.isfinite(value["median"]), f"{name}.{figure} is {value['median']}"
     assert report["not_implemented"] == list(NOT_IMPLEMENTED)
+    # The events seen are split where the scheduler published them (an event a stream read from
+    # Postgres before its publish reached the broker has no timestamp yet, so "at most").
+    events = report["scenarios"]["events"]
+    for leg in ("until_published", "since_published"):
+        assert 0 < events[f"{leg}_samples"]["median"] <= events["event_samples"]["median"]
     measured = report["host"]
     assert measured["python_loop_ms_before"] > 0 and measured["python_loop_ms_after"] > 0
     assert 0 <= measured["steal_share"] <= 1 and 0 < measured["busy_share"] <= 1
