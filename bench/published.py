@@ -25,7 +25,8 @@ EventKey = tuple[str, int]  # (job id, seq)
 
 class Published:
     """`async with Published(settings) as published:` marks the updates topic's end; after the run,
-    `await published.read()` returns when each event the run published was handed to the broker."""
+    `await published.read()` returns when the scheduler handed each event the run published to its
+    producer."""
 
     def __init__(self, settings: Settings) -> None:
         self._topic = settings.topic(topics.UPDATES)
@@ -50,7 +51,7 @@ class Published:
         await self._consumer.stop()
 
     async def read(self, within: float = 30) -> dict[EventKey, float]:
-        """Wall time (seconds) each event published since entering was handed to the broker."""
+        """Wall time (seconds) the scheduler handed each event published since entering to its producer."""
         end = await self._consumer.end_offsets(list(self._start))
         behind = {tp for tp in self._start if end[tp] > self._start[tp]}
         self._consumer.assign(list(behind))
