@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.client import Stub, channel, event_age, event_time, submit, watch_to_end
+from bench.client import Stub, channel, event_time, submit, watch_to_end
 from bench.client import stub as make_stub
 from bench.published import EventKey, Published, split_at_publish
 from bench.sizes import Sizes
@@ -42,20 +42,18 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
 
 async def _one(stub: Stub, jobs: int, ms: int) -> tuple[Run, dict[EventKey, tuple[float, float]]]:
     """The run's figures, and each progress event's (time, arrival) by (job id, seq)."""
-    ages: list[float] = []
-    arrivals: list[float] = []
     times: dict[EventKey, tuple[float, float]] = {}
 
     def seen(event: pb.JobEvent, now: float) -> None:
         if event.type == pb.JOB_PROGRESS:
-            ages.append(event_age(event, now))
-            arrivals.append(now)
             times[(event.job_id, event.seq)] = (event_time(event), now)
 
     async def job() -> None:
         await watch_to_end(stub, await submit(stub, chunks=1, ms=ms), seen)
 
     await asyncio.gather(*(job() for _ in range(jobs)))
+    ages = [arrival - at for at, arrival in times.values()]
+    arrivals = [arrival for _, arrival in times.values()]
     window = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
     rate = len(arrivals) / window if window else 0.0
     return {**latencies_ms("event", ages), "events_per_s": rate, "jobs": float(jobs)}, times
