@@ -17,6 +17,7 @@ import grpc
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf import struct_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobstream import api_keys
 from jobstream.events import is_terminal
@@ -31,6 +32,7 @@ __all__ = [
     "assert_contiguous",
     "count_jobs",
     "http_get",
+    "metric",
     "new_tenant",
     "params",
     "read_partition",
@@ -88,6 +90,12 @@ async def scrape(stack: Stack, service: str) -> str:
     status, body = await asyncio.to_thread(http_get, stack.metrics_ports[service], "/metrics")
     assert status == 200, body
     return body
+
+
+async def metric(stack: Stack, service: str, sample: str) -> float:
+    """The sum of a service's samples of that name (every label set), 0 when it has none."""
+    text = await scrape(stack, service)
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == sample)
 
 
 async def submit(client: Client, kind: str, data: bytes = b"", **values: Any) -> pb.Job:

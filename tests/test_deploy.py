@@ -68,6 +68,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "jobstream_chunk_dead_letters_total": ("counter", frozenset({"kind"})),
     "jobstream_event_latency_seconds": ("histogram", frozenset()),
     "jobstream_watch_streams_open": ("gauge", frozenset()),
+    "jobstream_watch_partitions_read": ("gauge", frozenset()),
     "jobstream_grpc_requests_total": ("counter", frozenset({"method", "code"})),
     "jobstream_grpc_request_duration_seconds": ("histogram", frozenset({"method"})),
     "jobstream_kafka_consumer_lag": ("gauge", frozenset({"topic", "group"})),

@@ -19,7 +19,17 @@ from tests.conftest import WORKERS
 
 if TYPE_CHECKING:
     from tests.helpers import Client
-from tests.helpers import assert_contiguous, params, read_rest, submit, wait_for, watch_all, watch_until
+from tests.helpers import (
+    assert_contiguous,
+    metric,
+    params,
+    read_rest,
+    submit,
+    wait_for,
+    watch_all,
+    watch_until,
+)
+from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 Db = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -76,6 +86,33 @@ async def test_watch_resumes_live_after_seq_without_gap(client: Client) -> None:
     rest = await watch_all(client, job.id, after_seq=seen[-1].seq)
 
     assert_contiguous(seen + rest)
+
+
+async def test_the_gateway_reads_only_the_updates_partitions_its_streams_need(stack: Stack, client: Client) -> None:
+    """No stream open, no partition of jobs.updates read. A Watch on a job whose partition nobody
+    read still gets its events live from Kafka, not only from Postgres, and without a gap; once it
+    ended, the partition goes unread again."""
+
+    async def partitions_read() -> float:
+        return await metric(stack, "gateway", "jobstream_watch_partitions_read")
+
+    async def none_read() -> bool:
+        return await partitions_read() == 0
+
+    await wait_for(none_read, within=15, what="the gateway to read no updates partition while no stream is open")
+    live_before = await metric(stack, "gateway", "jobstream_event_latency_seconds_count")
+    job = await submit(client, "demo.sleep", chunks=48, ms=300)  # two waves over the workers' 24 slots
+
+    stream, seen = await watch_until(client, job.id, lambda e: e.type == pb.JOB_STARTED)
+    assert await partitions_read() == 1
+    rest = await read_rest(stream, job.id)
+
+    events = seen + rest
+    assert_contiguous(events)
+    assert events[-1].type == pb.JOB_SUCCEEDED
+    live = await metric(stack, "gateway", "jobstream_event_latency_seconds_count") - live_before
+    assert live >= 2, f"only {live} of {len(events)} events came live from the updates feed"
+    await wait_for(none_read, within=15, what="the gateway to stop reading the partition once the stream ended")
 
 
 async def test_every_worker_runs_some_chunks(client: Client, db: Db) -> None:

@@ -6,6 +6,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 JOBS_SUBMITTED = Counter("jobstream_jobs_submitted_total", "Jobs accepted by Submit.", ["kind"])
 WATCH_STREAMS = Gauge("jobstream_watch_streams_open", "Watch streams open on this gateway.")
+WATCH_PARTITIONS_READ = Gauge(
+    "jobstream_watch_partitions_read", "Partitions of jobs.updates this gateway reads for its Watch streams."
+)
 EVENT_LATENCY = Histogram(
     "jobstream_event_latency_seconds",
     "From the report (or state change) behind an event to this gateway sending it live.",

@@ -1,11 +1,16 @@
 """Watch: replay a job's events from Postgres, then follow them live from Kafka, with no gap.
 
-One UpdatesHub per gateway reads every partition of jobs.updates and hands each event to the
-streams watching that job. A stream never trusts Kafka alone: events are delivered strictly by seq,
-and whenever the live feed skips a seq (a message lost between the scheduler's commit and its
-publish, a slow client whose buffer overflowed, a hub that started after the event) the stream reads
-the missing events from Postgres, the source of truth. A background check compares each stream
-with the job's last_seq in Postgres, so even a lost final event reaches the client.
+One UpdatesHub per gateway reads jobs.updates and hands each event to the streams watching that
+job. It reads only the partitions its streams need: a partition is read from its end once a stream
+of one of its jobs opens, before that stream reads Postgres, and left unread again once no stream
+has needed it for a while. A gateway nobody watches through then costs the broker and itself no
+fetches, and each gateway's reading follows its own streams.
+
+A stream never trusts Kafka alone: events are delivered strictly by seq, and whenever the live
+feed skips a seq (a message lost between the scheduler's commit and its publish, a slow client
+whose buffer overflowed, a hub that started after the event) the stream reads the missing events
+from Postgres, the source of truth. A background check compares each stream with the job's
+last_seq in Postgres, so even a lost final event reaches the client.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from jobstream import topics
@@ -28,7 +34,7 @@ from jobstream.kafka import assign_all_from_end, decode, follow_partition_change
 from jobstream.observability import kafka_ready
 from jobstream.service import essential
 from jobstream.v1 import jobstream_pb2 as pb
-from services.gateway.metrics import EVENT_LATENCY, WATCH_STREAMS
+from services.gateway.metrics import EVENT_LATENCY, WATCH_PARTITIONS_READ, WATCH_STREAMS
 from services.gateway.store import EVENTS_PAGE, JobStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,9 @@ log = logging.getLogger(__name__)
 MAX_BUFFERED = 256
 CHECK_INTERVAL_SECONDS = 1.0
 CHECK_BATCH = 1000
+# How long a new stream waits for its partition to be read from now on before it reads Postgres
+# regardless (a broker that does not answer): it then follows the job through the check above.
+FOLLOW_TIMEOUT_SECONDS = 2.0
 
 
 class Subscription:
@@ -71,23 +80,33 @@ class UpdatesHub:
         self._store = store
         self._subs: dict[str, set[Subscription]] = {}
         self._consumer = make_broadcast_consumer(settings)
+        self._topic = settings.topic(topics.UPDATES)
         self._tasks: list[asyncio.Task[None]] = []
         # Streams of one job that fell behind together read the missed events once.
         self._reads: SharedReads[tuple[uuid.UUID, int], list[pb.JobEvent]] = SharedReads(self._read_stored)
+        # Streams opening together on an unread partition start reading it once, from one offset.
+        self._starts: SharedReads[TopicPartition, None] = SharedReads(self._read_from_now)
+        self._unwatched: set[TopicPartition] = set()
         WATCH_STREAMS.set_function(lambda: self.open_streams)
+        WATCH_PARTITIONS_READ.set_function(lambda: len(self.partitions_read))
 
     @property
     def open_streams(self) -> int:
         return sum(len(s) for s in self._subs.values())
 
+    @property
+    def partitions_read(self) -> set[TopicPartition]:
+        paused: set[TopicPartition] = self._consumer.paused()
+        return {tp for tp in self._consumer.assignment() if tp not in paused}
+
     async def start(self) -> None:
         await self._consumer.start()
-        topic = self._settings.topic(topics.UPDATES)
-        await assign_all_from_end(self._consumer, topic)
+        await assign_all_from_end(self._consumer, self._topic)
+        self._consumer.pause(*self._consumer.assignment())
         self._tasks = [
             essential(self._follow(), "updates feed"),
             essential(self._check_behind(), "watch check"),
-            essential(follow_partition_changes(self._consumer, topic), "updates partition watch"),
+            essential(follow_partition_changes(self._consumer, self._topic), "updates partition watch"),
         ]
 
     async def stop(self) -> None:
@@ -112,6 +131,31 @@ class UpdatesHub:
         sub = Subscription(job_id, after_seq)
         self._subs.setdefault(job_id, set()).add(sub)
         return sub
+
+    async def follow(self, job_id: str) -> None:
+        """Returns once the job's partition is read from an offset no later than now, so whatever
+        the stream reads from Postgres after this, the feed brings every event published since."""
+        tp = TopicPartition(self._topic, topics.partition_of(job_id, self._settings.job_partitions))
+        if tp not in self._consumer.paused():
+            return
+        try:
+            await asyncio.wait_for(self._starts(tp), FOLLOW_TIMEOUT_SECONDS)
+        except (KafkaError, TimeoutError) as err:
+            log.warning("reading %s for a Watch of job %s failed (%r); the stream follows Postgres", tp, job_id, err)
+
+    async def _read_from_now(self, tp: TopicPartition) -> None:
+        await self._consumer.seek_to_end(tp)
+        self._consumer.resume(tp)
+
+    def _stop_reading_unwatched(self) -> None:
+        """Pauses the partitions no stream has needed at two checks in a row: a partition whose
+        jobs are watched one after another is not dropped and sought again between them."""
+        watched = {topics.partition_of(job_id, self._settings.job_partitions) for job_id in self._subs}
+        unwatched = {tp for tp in self.partitions_read if tp.partition not in watched}
+        idle = unwatched & self._unwatched
+        if idle:
+            self._consumer.pause(*idle)
+        self._unwatched = unwatched - idle
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.job_id)
@@ -143,6 +187,7 @@ class UpdatesHub:
         """Nudges streams that Postgres says are behind and that heard nothing for a while."""
         while True:
             await asyncio.sleep(CHECK_INTERVAL_SECONDS)
+            self._stop_reading_unwatched()
             job_ids = list(self._subs)
             for start in range(0, len(job_ids), CHECK_BATCH):
                 batch = [uuid.UUID(j) for j in job_ids[start : start + CHECK_BATCH]]
@@ -162,6 +207,7 @@ async def watch_events(hub: UpdatesHub, job_id: uuid.UUID, after_seq: int) -> As
     """Yields the job's events after `after_seq` in seq order, ending after the terminal event."""
     sub = hub.subscribe(str(job_id), after_seq)
     try:
+        await hub.follow(sub.job_id)
         while True:
             if sub.need_db:
                 sub.need_db = False
