@@ -5,7 +5,8 @@ For each: CPU time in every service (the bench's own clients excluded), Kafka me
 written and WAL bytes. A chunk is a `demo.sleep` chunk with ms=0, so its figures are jobstream's
 own overhead; an event is a progress event of a running job delivered to one Watch stream (the
 figures include that job's one chunk, spread over its twenty events). While events flow, a second
-gateway with no client runs beside the first: what it spends is the cost of reading the updates.
+gateway with no client runs beside the first: what it spends is what a gateway costs that serves
+no stream of these jobs.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
 
 @contextlib.asynccontextmanager
 async def _idle_gateway(stack: BenchStack) -> AsyncIterator[None]:
-    """A second gateway that no client calls: every gateway reads every update, so its CPU per
-    event is what each more gateway costs per event, streams or not (`event_cpu_ms_idlegateway`)."""
+    """A second gateway that no client calls: a gateway reads only the updates its streams need, so
+    its CPU per event (`event_cpu_ms_idlegateway`) is what one more gateway costs beside jobs it
+    does not serve, and it would grow again if gateways read every update."""
     addr = f"127.0.0.1:{free_port()}"
     stack.start_service(IDLE_GATEWAY, "services.gateway", JOBSTREAM_GATEWAY_LISTEN=addr)
     try:
