@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from tests.helpers import Client
 from tests.helpers import (
     assert_contiguous,
+    http_get,
     metric,
     params,
     read_rest,
@@ -113,6 +114,38 @@ async def test_the_gateway_reads_only_the_updates_partitions_its_streams_need(st
     live = await metric(stack, "gateway", "jobstream_event_latency_seconds_count") - live_before
     assert live >= 2, f"only {live} of {len(events)} events came live from the updates feed"
     await wait_for(none_read, within=15, what="the gateway to stop reading the partition once the stream ended")
+
+
+async def test_a_worker_reads_the_cancel_feed_only_while_it_has_chunks(stack: Stack, client: Client, db: Db) -> None:
+    """Idle workers fetch nothing from jobs.control. The worker that claims a chunk reads every
+    partition of it from then on, so a Cancel reaches the running chunk; idle again, it stops."""
+    workers = sorted(name for name in stack.metrics_ports if name.startswith("worker"))
+    assert len(workers) == WORKERS
+
+    async def reading() -> list[float]:
+        return [await metric(stack, w, "jobstream_worker_cancel_feed_partitions_read") for w in workers]
+
+    async def all_ready() -> bool:
+        statuses = [await asyncio.to_thread(http_get, stack.metrics_ports[w], "/readyz") for w in workers]
+        return all(status == 200 for status, _ in statuses)
+
+    async def none_reading() -> bool:
+        return not any(await reading())
+
+    async def one_running() -> bool:
+        return sum([await metric(stack, w, "jobstream_worker_chunks_in_flight") for w in workers]) == 1
+
+    await wait_for(all_ready, what="every worker to be ready")
+    await wait_for(none_reading, within=15, what="idle workers to read no partition of jobs.control")
+    job = await submit(client, "demo.sleep", chunks=1, ms=120_000)
+    await wait_for(one_running, what="the job's one chunk to run")
+    assert sorted(await reading()) == [0] * (WORKERS - 1) + [stack.settings.job_partitions]
+
+    await client.Cancel(pb.CancelRequest(job_id=job.id, reason="test says stop"))
+    events = await watch_all(client, job.id)
+    assert events[-1].type == pb.JOB_CANCELLED
+    await wait_for(lambda: _none_running(db, job.id), what="the running chunk to stop")
+    await wait_for(none_reading, within=15, what="the worker to stop reading jobs.control once idle")
 
 
 async def test_every_worker_runs_some_chunks(client: Client, db: Db) -> None:

@@ -15,3 +15,7 @@ CLAIMED_WAITING = Gauge(
     "jobstream_worker_chunks_claimed_waiting", "Chunks this worker claimed ahead that wait for a free slot."
 )
 CONCURRENCY = Gauge("jobstream_worker_concurrency", "Chunks this worker can run at once.")
+CANCEL_FEED_PARTITIONS_READ = Gauge(
+    "jobstream_worker_cancel_feed_partitions_read",
+    "Partitions of jobs.control this worker reads for cancels (none while it has no chunk).",
+)

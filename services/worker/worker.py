@@ -6,7 +6,9 @@ for one of `worker_concurrency` slots.
 Offsets are committed right after the claim: from then on Postgres (the lease) holds the chunk,
 not Kafka, so a worker that dies mid-chunk loses nothing: its lease expires and the chunk is
 dispatched again. A second listener reads every cancel on jobs.control and interrupts the chunks
-of that job that run here.
+of that job that run here. It reads only while the worker claims or runs chunks: before a claim
+the feed is read from its end, so a cancel either was in Postgres before the claim (which then
+refuses the chunk) or comes on the feed; an idle worker fetches nothing from jobs.control.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
@@ -51,6 +53,12 @@ REPORTED_MEMORY_LEASES = 30
 # row every beat made the beat itself outlast the lease once thousands waited behind a paused
 # scheduler, whose open transaction kept Postgres from pruning the old row versions.
 REPORTED_LEASE_FACTOR = 4
+# A worker with no chunk claimed or running for this long stops reading the cancel feed; a
+# little slack keeps a worker fed chunk after chunk from seeking the feed again between them.
+CANCEL_FEED_IDLE_SECONDS = 2.0
+# How long a claim waits for the cancel feed to be read from now on. Past it the claim goes on,
+# and a cancel the feed misses meanwhile reaches the job's chunks through the heartbeat.
+CANCEL_FEED_START_SECONDS = 2.0
 
 
 @dataclass
@@ -86,14 +94,18 @@ class Worker:
         self._window = ClaimWindow(settings.worker_concurrency, settings.worker_prefetch)
         self._cancelled: dict[str, float] = {}
         self._control = make_broadcast_consumer(settings, settings.kafka_control_fetch_wait_ms)
+        self._claiming = False
+        self._busy_at = 0.0  # monotonic time the worker last claimed or ran a chunk
         metrics.CONCURRENCY.set(settings.worker_concurrency)
         metrics.IN_FLIGHT.set_function(lambda: sum(run.started for run in self._running.values()))
         metrics.CLAIMED_WAITING.set_function(lambda: sum(not run.started for run in self._running.values()))
+        metrics.CANCEL_FEED_PARTITIONS_READ.set_function(lambda: len(self._cancel_partitions_read()))
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._control.start()
         control = self._settings.topic(topics.CONTROL)
         await assign_all_from_end(self._control, control)
+        self._control.pause(*self._control.assignment())
         helpers = [
             essential(self._listen_control(), "cancel listener"),
             essential(self._heartbeat(), "lease heartbeat"),
@@ -127,21 +139,34 @@ class Worker:
             if not tasks:
                 continue
             wanted = [t for t in tasks if t.job_id not in self._cancelled]
-            claimed_from = time.monotonic()
-            try:
-                held = await claims.claim(self._pool, wanted, self._settings.worker_id, self._settings.lease_seconds)
-            except DATABASE_UNAVAILABLE as err:
-                # Unclaimed, the tasks are still Kafka's: read them again once Postgres answers.
-                log.warning("claiming %d chunks failed, Postgres unavailable: %s", len(wanted), err)
-                await rewind_to_committed(self._member.consumer)
-                await asyncio.sleep(DATABASE_RETRY_SECONDS)
+            if not await self._claim_and_start(wanted):
                 continue
-            for task in wanted:
-                if (task.job_id, task.chunk_index) in held:
-                    self._start(task, claimed_from + self._settings.lease_seconds)
             # After the starts, so no chunk waits for the broker: Postgres already holds the claims.
             with contextlib.suppress(KafkaError):
                 await self._member.consumer.commit()
+
+    async def _claim_and_start(self, tasks: list[bus_pb2.ChunkTask]) -> bool:
+        """Claims the tasks and starts the chunks it got; False when Postgres did not answer, and
+        the tasks are to be read again. The cancel feed is read throughout."""
+        self._claiming = True
+        try:
+            await self._read_cancels_from_now()
+            claimed_from = time.monotonic()
+            try:
+                held = await claims.claim(self._pool, tasks, self._settings.worker_id, self._settings.lease_seconds)
+            except DATABASE_UNAVAILABLE as err:
+                # Unclaimed, the tasks are still Kafka's: read them again once Postgres answers.
+                log.warning("claiming %d chunks failed, Postgres unavailable: %s", len(tasks), err)
+                await rewind_to_committed(self._member.consumer)
+                await asyncio.sleep(DATABASE_RETRY_SECONDS)
+                return False
+            for task in tasks:
+                if (task.job_id, task.chunk_index) in held:
+                    self._start(task, claimed_from + self._settings.lease_seconds)
+            return True
+        finally:
+            self._claiming = False
+            self._busy_at = time.monotonic()
 
     def _start(self, task: bus_pb2.ChunkTask, lease_until: float) -> None:
         run = ChunkRun(task, self._settings.worker_id, self._send_report, self._slots)
@@ -175,6 +200,30 @@ class Worker:
         what = f"job {report.job_id} chunk {report.chunk_index} attempt {report.attempt}: sending its report"
         await retry_broker_errors(lambda: send_all(self._producer, [message]), what)
 
+    def _cancel_partitions_read(self) -> set[TopicPartition]:
+        paused: set[TopicPartition] = self._control.paused()
+        return {tp for tp in self._control.assignment() if tp not in paused}
+
+    async def _read_cancels_from_now(self) -> None:
+        """Before a claim: the cancel feed is read from an offset no later than now. A cancel is
+        recorded in Postgres before it is published, so one the claim does not see comes after it."""
+        paused = self._control.paused()
+        if not paused:
+            return
+        try:
+            await asyncio.wait_for(self._control.seek_to_end(*paused), CANCEL_FEED_START_SECONDS)
+        except (KafkaError, TimeoutError) as err:
+            log.warning("reading the cancel feed from its end failed (%r); reading on from where it stopped", err)
+        self._control.resume(*paused)
+
+    def _stop_reading_cancels_when_idle(self, now: float) -> None:
+        if self._claiming or self._running:
+            self._busy_at = now
+        elif now - self._busy_at >= CANCEL_FEED_IDLE_SECONDS:
+            reading = self._cancel_partitions_read()
+            if reading:
+                self._control.pause(*reading)
+
     async def _listen_control(self) -> None:
         while True:
             try:
@@ -193,6 +242,7 @@ class Worker:
             for job_id, seen in list(self._cancelled.items()):
                 if now - seen > CANCELLED_MEMORY_SECONDS:
                     del self._cancelled[job_id]
+            self._stop_reading_cancels_when_idle(now)
 
     def cancel_job(self, job_id: str) -> None:
         for run in list(self._running.values()):
