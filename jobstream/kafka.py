@@ -300,20 +300,41 @@ async def rewind_to_committed(consumer: AIOKafkaConsumer) -> None:
             consumer.seek(tp, committed)
 
 
-async def assign_all_from_end(consumer: AIOKafkaConsumer, topic: str) -> None:
-    """Reads every partition of a topic from now on, waiting for the topic to exist.
+async def assign_all_unread(consumer: AIOKafkaConsumer, topic: str) -> None:
+    """Assigns every partition of a topic, waiting for it to exist, and reads none of them yet.
 
-    The embedded broker may report an end offset before the true end (when the newest batch held
-    several records), so a few old records can come again: readers must dedupe (by seq, by job id).
+    A reader starts each partition it needs with `read_from_end` and pauses it once nothing needs
+    it, so a process with nothing to follow fetches nothing: every fetch, empty or not, costs the
+    process and the broker CPU. Each partition gets a position at the end now, so a reader that
+    resumes one without `read_from_end` (its broker did not answer) reads on from here, not from
+    the start of the topic.
     """
     tps = await _wait_partitions(consumer, topic)
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
+    consumer.pause(*tps)
+
+
+async def read_from_end(consumer: AIOKafkaConsumer, *tps: TopicPartition) -> None:
+    """Reads those partitions from an offset no later than now.
+
+    The embedded broker may report an end offset before the true end (when the newest batch held
+    several records), so a few old records can come again: readers must dedupe (by seq, by job id).
+    """
+    await consumer.seek_to_end(*tps)
+    consumer.resume(*tps)
+
+
+def partitions_read(consumer: AIOKafkaConsumer) -> set[TopicPartition]:
+    """The assigned partitions the consumer fetches: those not paused."""
+    paused: set[TopicPartition] = consumer.paused()
+    return {tp for tp in consumer.assignment() if tp not in paused}
 
 
 async def follow_partition_changes(consumer: AIOKafkaConsumer, topic: str) -> None:
     """Re-assigns when the topic's partitions change (a broker that came back empty re-creates
-    its topics), reading new partitions from their start: everything on them is new."""
+    its topics), reading new partitions from their start: everything on them is new. A partition
+    paused before stays paused: its reader starts it again when it needs it."""
     while True:
         await asyncio.sleep(PARTITION_CHECK_SECONDS)
         try:
@@ -324,7 +345,9 @@ async def follow_partition_changes(consumer: AIOKafkaConsumer, topic: str) -> No
         current = set(consumer.assignment())
         if set(tps) != current:
             log.info("partitions of %s changed; following %d", topic, len(tps))
+            paused = consumer.paused()
             consumer.assign(tps)
+            consumer.pause(*[tp for tp in tps if tp in paused])
             await consumer.seek_to_beginning(*[tp for tp in tps if tp not in current])
 
 

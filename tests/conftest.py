@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import psycopg
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from jobstream.db import apply_schema
 from jobstream.embedded.broker import EmbeddedBroker
@@ -30,6 +32,28 @@ def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     """A bare embedded broker of the test's own, for what the broker itself does."""
     with EmbeddedBroker(tmp_path) as started:
         yield started
+
+
+@pytest.fixture
+async def admin(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client of the test's own broker."""
+    client = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def producer(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaProducer]:
+    """A producer to the test's own broker that soon sees a topic re-created there."""
+    started = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, metadata_max_age_ms=1000)
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.stop()
 
 
 @pytest.fixture(scope="session")

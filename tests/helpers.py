@@ -9,7 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "metric",
     "new_tenant",
     "params",
+    "probes",
     "read_partition",
     "read_rest",
     "run_cli",
@@ -83,6 +84,14 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return err.code, err.read().decode()
     except OSError as err:
         return 0, f"no answer: {err}"
+
+
+async def probes(stack: Stack, path: str, services: Iterable[str] | None = None) -> dict[str, tuple[int, str]]:
+    """What each service (every one, or those named) answers on `path` of its metrics port, asked
+    all at once."""
+    names = sorted(stack.metrics_ports if services is None else services)
+    answers = await asyncio.gather(*(asyncio.to_thread(http_get, stack.metrics_ports[n], path) for n in names))
+    return dict(zip(names, answers, strict=True))
 
 
 async def scrape(stack: Stack, service: str) -> str:

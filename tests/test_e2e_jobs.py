@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from tests.helpers import Client
 from tests.helpers import (
     assert_contiguous,
-    http_get,
     metric,
     params,
+    probes,
     read_rest,
     submit,
     wait_for,
@@ -119,15 +119,14 @@ async def test_the_gateway_reads_only_the_updates_partitions_its_streams_need(st
 async def test_a_worker_reads_the_cancel_feed_only_while_it_has_chunks(stack: Stack, client: Client, db: Db) -> None:
     """Idle workers fetch nothing from jobs.control. The worker that claims a chunk reads every
     partition of it from then on, so a Cancel reaches the running chunk; idle again, it stops."""
-    workers = sorted(name for name in stack.metrics_ports if name.startswith("worker"))
+    workers = stack.workers()
     assert len(workers) == WORKERS
 
     async def reading() -> list[float]:
         return [await metric(stack, w, "jobstream_worker_cancel_feed_partitions_read") for w in workers]
 
     async def all_ready() -> bool:
-        statuses = [await asyncio.to_thread(http_get, stack.metrics_ports[w], "/readyz") for w in workers]
-        return all(status == 200 for status, _ in statuses)
+        return all(status == 200 for status, _ in (await probes(stack, "/readyz", workers)).values())
 
     async def none_reading() -> bool:
         return not any(await reading())

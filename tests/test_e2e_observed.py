@@ -24,7 +24,7 @@ from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import ChildProcess
 from jobstream.v1 import jobstream_pb2 as pb
 from tests.conftest import client_of, running_stack
-from tests.helpers import http_get, params, wait_for, watch_all
+from tests.helpers import params, probes, wait_for, watch_all
 from tests.stack import REPO, Stack
 
 if TYPE_CHECKING:
@@ -221,12 +221,6 @@ async def test_every_dashboard_panel_shows_data_from_a_prometheus_scraping_the_s
 OUTAGE_SECONDS = 3.0
 
 
-async def _probes(stack: Stack, path: str) -> dict[str, tuple[int, str]]:
-    names = sorted(stack.metrics_ports)
-    answers = await asyncio.gather(*(asyncio.to_thread(http_get, stack.metrics_ports[n], path) for n in names))
-    return dict(zip(names, answers, strict=True))
-
-
 def _assert_none_exited(stack: Stack) -> None:
     exited = {name: proc.returncode for name, proc in stack.services.items() if not proc.alive}
     assert not exited, f"services exited (name: status): {exited}"
@@ -235,7 +229,7 @@ def _assert_none_exited(stack: Stack) -> None:
 async def _assert_all_alive(stack: Stack, during: str) -> None:
     """Every service still runs and answers /livez: losing a dependency takes a service out of
     rotation (readiness), it is no reason for the service to exit."""
-    liveness = await _probes(stack, "/livez")
+    liveness = await probes(stack, "/livez")
     _assert_none_exited(stack)
     silent = {name: answer for name, answer in liveness.items() if answer != (200, "ok\n")}
     assert not silent, f"/livez stopped answering {during}: {silent}"
@@ -246,7 +240,7 @@ async def _wait_all_ready(stack: Stack, what: str) -> None:
 
     async def all_ready() -> bool:
         _assert_none_exited(stack)  # fail at once rather than time out
-        last.update(await _probes(stack, "/readyz"))
+        last.update(await probes(stack, "/readyz"))
         return all(status == 200 for status, _ in last.values())
 
     try:
@@ -269,7 +263,7 @@ async def _live_through_outage_then_not_ready(stack: Stack, because: str) -> Non
         await asyncio.sleep(0.2)  # the probing pace, not a wait for anything
 
     async def all_not_ready() -> bool:
-        answers = await _probes(stack, "/readyz")
+        answers = await probes(stack, "/readyz")
         return all(status == 503 and body.startswith(f"not ready: {because}") for status, body in answers.values())
 
     await wait_for(all_not_ready, within=30, what=f"every service to report 'not ready: {because}'")

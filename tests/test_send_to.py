@@ -4,8 +4,6 @@ the scheduler's publisher down), and the send goes through once the topic is rig
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -16,26 +14,6 @@ from jobstream.kafka import send_all
 from tests.helpers import read_partition, wait_for
 
 TOPIC = "probe.named"
-
-
-@pytest.fixture
-async def admin(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaAdminClient]:
-    client = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-    await client.start()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-async def producer(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaProducer]:
-    started = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, metadata_max_age_ms=1000)
-    await started.start()
-    try:
-        yield started
-    finally:
-        await started.stop()
 
 
 async def test_a_partition_the_topic_lacks_is_a_retriable_broker_error_until_the_topic_is_right(

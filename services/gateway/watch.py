@@ -30,7 +30,14 @@ from jobstream import topics
 from jobstream.batching import SharedReads
 from jobstream.config import Settings
 from jobstream.events import is_terminal
-from jobstream.kafka import assign_all_from_end, decode, follow_partition_changes, make_broadcast_consumer
+from jobstream.kafka import (
+    assign_all_unread,
+    decode,
+    follow_partition_changes,
+    make_broadcast_consumer,
+    partitions_read,
+    read_from_end,
+)
 from jobstream.observability import kafka_ready
 from jobstream.service import essential
 from jobstream.v1 import jobstream_pb2 as pb
@@ -85,24 +92,18 @@ class UpdatesHub:
         # Streams of one job that fell behind together read the missed events once.
         self._reads: SharedReads[tuple[uuid.UUID, int], list[pb.JobEvent]] = SharedReads(self._read_stored)
         # Streams opening together on an unread partition start reading it once, from one offset.
-        self._starts: SharedReads[TopicPartition, None] = SharedReads(self._read_from_now)
+        self._starts: SharedReads[TopicPartition, None] = SharedReads(lambda tp: read_from_end(self._consumer, tp))
         self._unwatched: set[TopicPartition] = set()
         WATCH_STREAMS.set_function(lambda: self.open_streams)
-        WATCH_PARTITIONS_READ.set_function(lambda: len(self.partitions_read))
+        WATCH_PARTITIONS_READ.set_function(lambda: len(partitions_read(self._consumer)))
 
     @property
     def open_streams(self) -> int:
         return sum(len(s) for s in self._subs.values())
 
-    @property
-    def partitions_read(self) -> set[TopicPartition]:
-        paused: set[TopicPartition] = self._consumer.paused()
-        return {tp for tp in self._consumer.assignment() if tp not in paused}
-
     async def start(self) -> None:
         await self._consumer.start()
-        await assign_all_from_end(self._consumer, self._topic)
-        self._consumer.pause(*self._consumer.assignment())
+        await assign_all_unread(self._consumer, self._topic)
         self._tasks = [
             essential(self._follow(), "updates feed"),
             essential(self._check_behind(), "watch check"),
@@ -143,15 +144,11 @@ class UpdatesHub:
         except (KafkaError, TimeoutError) as err:
             log.warning("reading %s for a Watch of job %s failed (%r); the stream follows Postgres", tp, job_id, err)
 
-    async def _read_from_now(self, tp: TopicPartition) -> None:
-        await self._consumer.seek_to_end(tp)
-        self._consumer.resume(tp)
-
     def _stop_reading_unwatched(self) -> None:
         """Pauses the partitions no stream has needed at two checks in a row: a partition whose
         jobs are watched one after another is not dropped and sought again between them."""
         watched = {topics.partition_of(job_id, self._settings.job_partitions) for job_id in self._subs}
-        unwatched = {tp for tp in self.partitions_read if tp.partition not in watched}
+        unwatched = {tp for tp in partitions_read(self._consumer) if tp.partition not in watched}
         idle = unwatched & self._unwatched
         if idle:
             self._consumer.pause(*idle)

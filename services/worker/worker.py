@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
@@ -29,10 +29,12 @@ from jobstream.config import Settings
 from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, broker_epoch
 from jobstream.kafka import (
     GroupMember,
-    assign_all_from_end,
+    assign_all_unread,
     decode,
     follow_partition_changes,
     make_broadcast_consumer,
+    partitions_read,
+    read_from_end,
     retry_broker_errors,
     rewind_to_committed,
     send_all,
@@ -99,13 +101,12 @@ class Worker:
         metrics.CONCURRENCY.set(settings.worker_concurrency)
         metrics.IN_FLIGHT.set_function(lambda: sum(run.started for run in self._running.values()))
         metrics.CLAIMED_WAITING.set_function(lambda: sum(not run.started for run in self._running.values()))
-        metrics.CANCEL_FEED_PARTITIONS_READ.set_function(lambda: len(self._cancel_partitions_read()))
+        metrics.CANCEL_FEED_PARTITIONS_READ.set_function(lambda: len(partitions_read(self._control)))
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._control.start()
         control = self._settings.topic(topics.CONTROL)
-        await assign_all_from_end(self._control, control)
-        self._control.pause(*self._control.assignment())
+        await assign_all_unread(self._control, control)
         helpers = [
             essential(self._listen_control(), "cancel listener"),
             essential(self._heartbeat(), "lease heartbeat"),
@@ -200,10 +201,6 @@ class Worker:
         what = f"job {report.job_id} chunk {report.chunk_index} attempt {report.attempt}: sending its report"
         await retry_broker_errors(lambda: send_all(self._producer, [message]), what)
 
-    def _cancel_partitions_read(self) -> set[TopicPartition]:
-        paused: set[TopicPartition] = self._control.paused()
-        return {tp for tp in self._control.assignment() if tp not in paused}
-
     async def _read_cancels_from_now(self) -> None:
         """Before a claim: the cancel feed is read from an offset no later than now. A cancel is
         recorded in Postgres before it is published, so one the claim does not see comes after it."""
@@ -211,16 +208,16 @@ class Worker:
         if not paused:
             return
         try:
-            await asyncio.wait_for(self._control.seek_to_end(*paused), CANCEL_FEED_START_SECONDS)
+            await asyncio.wait_for(read_from_end(self._control, *paused), CANCEL_FEED_START_SECONDS)
         except (KafkaError, TimeoutError) as err:
             log.warning("reading the cancel feed from its end failed (%r); reading on from where it stopped", err)
-        self._control.resume(*paused)
+            self._control.resume(*paused)
 
     def _stop_reading_cancels_when_idle(self, now: float) -> None:
         if self._claiming or self._running:
             self._busy_at = now
         elif now - self._busy_at >= CANCEL_FEED_IDLE_SECONDS:
-            reading = self._cancel_partitions_read()
+            reading = partitions_read(self._control)
             if reading:
                 self._control.pause(*reading)
 
