@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from jobstream.db import apply_schema
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.embedded.postgres import EmbeddedPostgres
-from jobstream.states import JobState
+from jobstream.states import ChunkState, JobState
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from tests.stack import Stack
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 WORKERS = 3
 # Stacks now running, so a failing test's report carries what their processes logged.
 LIVE_STACKS: list[Stack] = []
+# The newest unfinished jobs a failing test's report details chunk by chunk, with their log lines.
+UNFINISHED_JOBS_DETAILED = 3
 
 
 @pytest.fixture
@@ -149,8 +152,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def _unfinished_jobs(stack: Stack) -> str:
-    """Where each unfinished job stands in Postgres: a job that never ended shows how far it got
-    (its chunks by state, its last event) where the services' logs say nothing."""
+    """Where each unfinished job stands in Postgres (its chunks by state, its last event, and for the
+    newest jobs the chunks not done: attempt, claims, worker, lease left) and what the services
+    logged about those jobs: a job that never ended shows how far it got and who held it, where the
+    ends of the logs say nothing."""
     try:
         with psycopg.connect(stack.database_url, autocommit=True, connect_timeout=5) as conn:
             jobs = conn.execute(
@@ -161,15 +166,42 @@ def _unfinished_jobs(stack: Stack) -> str:
                 (JobState.QUEUED, JobState.RUNNING),
             ).fetchall()
             outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()
+            newest = [job[0] for job in jobs[:UNFINISHED_JOBS_DETAILED]]
+            chunks = conn.execute(
+                "SELECT job_id, idx, state, attempt, claims, worker_id,"
+                " round(extract(epoch FROM lease_expires_at - now())::numeric, 1)"
+                " FROM chunks WHERE job_id = ANY(%s) AND state IN (%s, %s) ORDER BY job_id, idx",
+                (newest, ChunkState.PENDING, ChunkState.RUNNING),
+            ).fetchall()
     except psycopg.Error as err:
         return f"Postgres did not answer: {err}"
     lines = [f"outbox rows waiting: {outbox[0] if outbox else '?'}"]
-    lines += [
-        f"job {job_id} state {state} chunks {done}/{total} (by state: {by_state or 'none'}) last_seq {seq}"
-        f" created {created:%H:%M:%S.%f}"
-        for job_id, state, total, done, seq, created, by_state in jobs
-    ]
+    for job_id, state, total, done, seq, created, by_state in jobs:
+        lines.append(
+            f"job {job_id} state {state} chunks {done}/{total} (by state: {by_state or 'none'}) last_seq {seq}"
+            f" created {created:%H:%M:%S.%f}"
+        )
+        undone = [c for c in chunks if c[0] == job_id]
+        lines += [
+            f"  chunk {idx} state {chunk_state} attempt {attempt} claims {claims} worker {worker} lease left {left}s"
+            for _, idx, chunk_state, attempt, claims, worker, left in undone[:10]
+        ]
+        if job_id in newest:
+            for name, process in stack.services.items():
+                lines += [f"  {name}: {line}" for line in _lines_naming(process.log_path, str(job_id))]
     return "\n".join(lines)
+
+
+def _lines_naming(log: Path, job_id: str, most: int = 10) -> list[str]:
+    """The last lines of a log (of its last 1 MiB) that name the job."""
+    try:
+        with log.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - 1024 * 1024))
+            text = file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [line for line in text.splitlines() if job_id in line][-most:]
 
 
 @pytest.fixture

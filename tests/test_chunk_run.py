@@ -58,6 +58,7 @@ async def test_a_run_that_ends_on_its_own_tells_how_long_it_ran() -> None:
     await asyncio.wait_for(run.run(), 5)
     assert run.ran_s is not None
     assert [r.type for r in reports] == [bus_pb2.CHUNK_SUCCEEDED]
+    assert run.outcome is reports[-1]  # kept, to be sent again while the scheduler has not recorded it
 
 
 async def test_a_run_cut_short_by_cancel_tells_nothing_of_how_long_chunks_take() -> None:
@@ -67,6 +68,15 @@ async def test_a_run_cut_short_by_cancel_tells_nothing_of_how_long_chunks_take()
     await asyncio.wait_for(task, 5)
     assert run.ran_s is None
     assert reports[-1].type == bus_pb2.CHUNK_CANCELLED
+    assert run.outcome is reports[-1]
+
+
+async def test_a_run_the_worker_abandons_has_no_outcome_to_send_again() -> None:
+    reports: list[bus_pb2.ChunkReport] = []
+    run, task = await _holding_a_slot(_Slots(), reports)
+    run.abandon()
+    await asyncio.gather(task, return_exceptions=True)
+    assert run.outcome is None and all(r.type == bus_pb2.CHUNK_PROGRESS for r in reports)
 
 
 async def test_a_chunk_waiting_for_a_slot_is_cancelled_without_running() -> None:

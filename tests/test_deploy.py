@@ -65,6 +65,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "jobstream_worker_concurrency": ("gauge", frozenset()),
     "jobstream_worker_chunks_claimed_waiting": ("gauge", frozenset()),
     "jobstream_worker_cancel_feed_partitions_read": ("gauge", frozenset()),
+    "jobstream_worker_reports_resent_total": ("counter", frozenset()),
     "jobstream_chunk_retries_total": ("counter", frozenset({"kind"})),
     "jobstream_chunk_dead_letters_total": ("counter", frozenset({"kind"})),
     "jobstream_event_latency_seconds": ("histogram", frozenset()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -17,8 +17,9 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.states import ChunkState
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
+from services.worker.worker import REPORTED_MEMORY_LEASES
 from tests.conftest import db_of, running_stack
-from tests.helpers import assert_contiguous, params, read_rest, wait_for, watch_all, watch_until
+from tests.helpers import assert_contiguous, metric, params, read_rest, wait_for, watch_all, watch_until
 from tests.stack import Stack
 
 if TYPE_CHECKING:
@@ -247,8 +248,20 @@ async def test_scheduler_killed_mid_job_is_resumed_by_a_new_one(own: Stack, clie
 
 
 async def _dead_letters(stack: Stack, job_id: str) -> list[bus_pb2.ChunkReport]:
+    return await _reports_on(stack, topics.DEAD_LETTER, job_id)
+
+
+async def _reports_on(
+    stack: Stack,
+    topic: str,
+    job_id: str,
+    wanted: Callable[[bus_pb2.ChunkReport], bool] = lambda _: True,
+    within: float = 10,
+) -> list[bus_pb2.ChunkReport]:
+    """The job's wanted reports on `topic`, read from its start until at least one came or
+    `within` seconds passed."""
     consumer = AIOKafkaConsumer(
-        stack.settings.topic(topics.DEAD_LETTER),
+        stack.settings.topic(topic),
         bootstrap_servers=stack.bootstrap,
         group_id=None,
         auto_offset_reset="earliest",
@@ -256,18 +269,53 @@ async def _dead_letters(stack: Stack, job_id: str) -> list[bus_pb2.ChunkReport]:
     await consumer.start()
     try:
         found: list[bus_pb2.ChunkReport] = []
-        deadline = asyncio.get_running_loop().time() + 10
+        deadline = asyncio.get_running_loop().time() + within
         while not found and asyncio.get_running_loop().time() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 found += [
                     report
                     for report in (bus_pb2.ChunkReport.FromString(r.value) for r in records)
-                    if report.job_id == job_id
+                    if report.job_id == job_id and wanted(report)
                 ]
         return found
     finally:
         await consumer.stop()
+
+
+async def test_a_report_the_broker_lost_is_sent_again_and_its_chunk_runs_once(
+    own: Stack, client: Client, db: Db
+) -> None:
+    # The chunk finishes while the scheduler is paused, so its report waits unread on the broker,
+    # which then comes back empty. The worker keeps vouching for the chunk it finished, so only
+    # its report sent again ends the chunk; without it the chunk would wait out the worker's
+    # memory of it (30 leases) and then run a second time.
+    job = await submit(client, chunks=1, ms=500)
+    scheduler = own.services["scheduler"]
+    assert scheduler.pid is not None
+
+    async def chunk_claimed() -> bool:
+        cur = await db.execute("SELECT state FROM chunks WHERE job_id = %s AND idx = 0", (job.id,))
+        return await cur.fetchone() == (ChunkState.RUNNING,)
+
+    await wait_for(chunk_claimed, what="the chunk to be claimed")
+    os.kill(scheduler.pid, signal.SIGSTOP)
+    try:
+        succeeded = await _reports_on(
+            own, topics.PROGRESS, job.id, lambda r: r.type == bus_pb2.CHUNK_SUCCEEDED, within=20
+        )
+        assert succeeded, "the worker reported the chunk"
+        await asyncio.to_thread(own.broker.restart)
+    finally:
+        os.kill(scheduler.pid, signal.SIGCONT)
+
+    events = await watch_all(client, job.id, within=3 * REPORTED_MEMORY_LEASES * LEASE_SECONDS / 4)
+
+    assert events[-1].type == pb.JOB_SUCCEEDED, events[-1]
+    row = await chunk_row(db, job.id, 0)
+    assert (row["state"], row["claims"]) == (ChunkState.SUCCEEDED, 1), row
+    resent = [await metric(own, name, "jobstream_worker_reports_resent_total") for name in own.workers()]
+    assert sum(resent) >= 1, resent
 
 
 async def test_submit_while_broker_down_is_durable_and_runs_when_it_returns(own: Stack, client: Client, db: Db) -> None:

@@ -260,7 +260,8 @@ class Scheduler:
         whoever owns them now, or this scheduler once it owns them again, reads their messages.
         Messages are keyed by job id, so the batch's records say which partitions those are."""
         metrics.FENCED_JOBS.inc(len(fenced))
-        log.warning("batch left %d jobs alone: not owned by this scheduler at its epoch", len(fenced))
+        named = ", ".join(sorted(str(job_id) for job_id in fenced)[:3])
+        log.warning("batch left %d jobs alone (%s): not owned by this scheduler at its epoch", len(fenced), named)
         if offsets is None:
             return
         keys = {str(job_id).encode() for job_id in fenced}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 CHUNK_DURATION = Histogram(
     "jobstream_chunk_duration_seconds",
@@ -18,4 +18,8 @@ CONCURRENCY = Gauge("jobstream_worker_concurrency", "Chunks this worker can run 
 CANCEL_FEED_PARTITIONS_READ = Gauge(
     "jobstream_worker_cancel_feed_partitions_read",
     "Partitions of jobs.control this worker reads for cancels (none while it has no chunk).",
+)
+REPORTS_RESENT = Counter(
+    "jobstream_worker_reports_resent_total",
+    "Chunk outcome reports sent again because the scheduler had not recorded them (lost on the way).",
 )

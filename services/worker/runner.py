@@ -28,6 +28,9 @@ Report = Callable[[bus_pb2.ChunkReport], Awaitable[None]]
 # completion says it all. The scheduler coalesces again per job.
 PROGRESS_EVERY_SECONDS = 0.1
 MAX_RESULT_BYTES = 4 * 1024 * 1024
+# The reports that end an attempt. The worker keeps the one it sent, to send it again while the
+# scheduler has not recorded it (see Worker._resend_unrecorded).
+ENDING_REPORTS = frozenset({bus_pb2.CHUNK_SUCCEEDED, bus_pb2.CHUNK_FAILED, bus_pb2.CHUNK_CANCELLED})
 
 
 class Stop(Exception):
@@ -84,6 +87,8 @@ class ChunkRun:
         self.asyncio_task: asyncio.Task[None] | None = None
         # The monotonic time until which the stored lease lasts, at least (the worker keeps it).
         self.lease_until = 0.0
+        # The report that ended this attempt, once it was handed to the broker.
+        self.outcome: bus_pb2.ChunkReport | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -113,17 +118,18 @@ class ChunkRun:
         await self._send(bus_pb2.CHUNK_PROGRESS, fraction=fraction, message=message)
 
     async def _send(self, type_: bus_pb2.ReportType.ValueType, **fields: Any) -> None:
-        await self._report(
-            bus_pb2.ChunkReport(
-                job_id=self.job_id,
-                chunk_index=self.chunk_index,
-                attempt=self.attempt,
-                type=type_,
-                worker_id=self._worker_id,
-                time=now_timestamp(),
-                **fields,
-            )
+        report = bus_pb2.ChunkReport(
+            job_id=self.job_id,
+            chunk_index=self.chunk_index,
+            attempt=self.attempt,
+            type=type_,
+            worker_id=self._worker_id,
+            time=now_timestamp(),
+            **fields,
         )
+        await self._report(report)
+        if type_ in ENDING_REPORTS:
+            self.outcome = report
 
     async def run(self) -> None:
         self._begun = True

@@ -5,10 +5,13 @@ for one of `worker_concurrency` slots.
 
 Offsets are committed right after the claim: from then on Postgres (the lease) holds the chunk,
 not Kafka, so a worker that dies mid-chunk loses nothing: its lease expires and the chunk is
-dispatched again. A second listener reads every cancel on jobs.control and interrupts the chunks
-of that job that run here. It reads only while the worker claims or runs chunks: before a claim
-the feed is read from its end, so a cancel either was in Postgres before the claim (which then
-refuses the chunk) or comes on the feed; an idle worker fetches nothing from jobs.control.
+dispatched again. A chunk that finished here keeps its lease until the scheduler has recorded its
+report, which goes out again while it stays unrecorded.
+
+A second listener reads every cancel on jobs.control and interrupts the chunks of that job that
+run here. It reads only while the worker claims or runs chunks: before a claim the feed is read
+from its end, so a cancel either was in Postgres before the claim (which then refuses the chunk)
+or comes on the feed; an idle worker fetches nothing from jobs.control.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -29,6 +33,7 @@ from jobstream.config import Settings
 from jobstream.db import DATABASE_RETRY_SECONDS, DATABASE_UNAVAILABLE, broker_epoch
 from jobstream.kafka import (
     GroupMember,
+    Outgoing,
     assign_all_unread,
     decode,
     follow_partition_changes,
@@ -41,6 +46,7 @@ from jobstream.kafka import (
 )
 from jobstream.service import essential
 from services.worker import claims, metrics
+from services.worker.claims import ChunkKey
 from services.worker.runner import ChunkRun
 from services.worker.window import ClaimWindow
 
@@ -55,6 +61,11 @@ REPORTED_MEMORY_LEASES = 30
 # row every beat made the beat itself outlast the lease once thousands waited behind a paused
 # scheduler, whose open transaction kept Postgres from pruning the old row versions.
 REPORTED_LEASE_FACTOR = 4
+# A finished chunk still unrecorded this many lease times after its report went out has its report
+# sent again, then again after twice as long, and so on: a report can be lost on the way, and the
+# scheduler counts a report once however often it comes. A broker that came back empty lost every
+# report it had not delivered: those are sent again as soon as a heartbeat sees its new epoch.
+REPORT_RESEND_LEASES = 2.0
 # A worker with no chunk claimed or running for this long stops reading the cancel feed; a
 # little slack keeps a worker fed chunk after chunk from seeking the feed again between them.
 CANCEL_FEED_IDLE_SECONDS = 2.0
@@ -69,6 +80,9 @@ class _Reported:
 
     at: float  # monotonic time it finished
     lease_until: float  # the stored lease lasts at least until then (monotonic)
+    report: bus_pb2.ChunkReport  # the report that ended the attempt
+    resend_at: float  # when to send the report again if the chunk is still unrecorded (monotonic)
+    resend_every: float  # seconds until the resend after that
 
 
 class Worker:
@@ -184,22 +198,28 @@ class Worker:
         self._running.pop(run.key, None)
         if run.ran_s is not None:
             self._window.ran(run.ran_s)
-        if run.asyncio_task is not None and not run.asyncio_task.cancelled():
-            self._reported[run.key] = _Reported(time.monotonic(), run.lease_until)
+        if run.outcome is not None and run.asyncio_task is not None and not run.asyncio_task.cancelled():
+            now = time.monotonic()
+            every = REPORT_RESEND_LEASES * self._settings.lease_seconds
+            self._reported[run.key] = _Reported(now, run.lease_until, run.outcome, now + every, every)
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
         """Queues the report, retrying while the broker is not ready for it: a report lost here
         would leave its chunk held until its lease ran out. The scheduler counts a report once,
         however often it arrives."""
-        message = (
+        what = f"job {report.job_id} chunk {report.chunk_index} attempt {report.attempt}: sending its report"
+        delivered = await retry_broker_errors(lambda: send_all(self._producer, [self._message(report)]), what)
+        for future in delivered:
+            future.add_done_callback(lambda done: _log_undelivered(report, done))
+
+    def _message(self, report: bus_pb2.ChunkReport) -> Outgoing:
+        return (
             self._settings.topic(topics.PROGRESS),
             topics.partition_of(report.job_id, self._settings.job_partitions),
             report.job_id.encode(),
             report.SerializeToString(),
         )
-        what = f"job {report.job_id} chunk {report.chunk_index} attempt {report.attempt}: sending its report"
-        await retry_broker_errors(lambda: send_all(self._producer, [message]), what)
 
     async def _read_cancels_from_now(self) -> None:
         """Before a claim: the cancel feed is read from an offset no later than now. A cancel is
@@ -253,22 +273,15 @@ class Worker:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             self._forget_reported_older_than(REPORTED_MEMORY_LEASES * lease)
             started = time.monotonic()
-            # Running chunks are kept fresh every beat; finished ones only kept alive (see
-            # REPORTED_LEASE_FACTOR), so most beats write none of them.
-            reported_lease = REPORTED_LEASE_FACTOR * lease
-            leases = {
-                key: reported_lease
-                for key, reported in self._reported.items()
-                if reported.lease_until - started < reported_lease / 2
-            }
-            leases.update(dict.fromkeys(self._running, lease))
             try:
                 epoch = await broker_epoch(self._pool)
-                self._renew |= self._broker_epoch is not None and epoch != self._broker_epoch
+                if self._broker_epoch is not None and epoch != self._broker_epoch:
+                    self._broker_came_back_empty(started)
                 self._broker_epoch = epoch
+                leases = self._leases_to_keep(started)
                 beat = await claims.heartbeat(self._pool, leases, self._settings.worker_id)
             except Exception as err:  # a missed beat is survivable; the lease outlasts several
-                log.warning("heartbeat for %d chunks failed: %s", len(leases), err)
+                log.warning("heartbeat for %d chunks failed: %s", len(self._running) + len(self._reported), err)
                 continue
             for key, seconds in leases.items():
                 if key in beat.extended:
@@ -284,6 +297,58 @@ class Worker:
                     # The lease went to another attempt (this worker stalled past it): stop, report nothing.
                     log.warning("job %s chunk %d: lease lost, stopping this attempt", run.job_id, run.chunk_index)
                     run.abandon()
+            unrecorded = [
+                key
+                for key in leases
+                if key in beat.held and key not in self._running and self._reported[key].resend_at <= started
+            ]
+            await self._resend_reports(unrecorded, started)
+
+    def _broker_came_back_empty(self, now: float) -> None:
+        """The broker lost what it held: the consumer group, and reports the scheduler had not read yet."""
+        log.warning("the broker came back empty; rejoining, and sending unrecorded reports again")
+        self._renew = True
+        for reported in self._reported.values():
+            reported.resend_at = now
+
+    def _leases_to_keep(self, now: float) -> dict[ChunkKey, float]:
+        """Running chunks are kept fresh every beat; finished ones only kept alive (see
+        REPORTED_LEASE_FACTOR), so most beats write none of them. A finished chunk due for its
+        report to be sent again goes along, for the beat to say whether it is still unrecorded."""
+        reported_lease = REPORTED_LEASE_FACTOR * self._settings.lease_seconds
+        leases = {
+            key: reported_lease
+            for key, reported in self._reported.items()
+            if reported.lease_until - now < reported_lease / 2 or reported.resend_at <= now
+        }
+        leases.update(dict.fromkeys(self._running, self._settings.lease_seconds))
+        return leases
+
+    async def _resend_reports(self, keys: list[ChunkKey], now: float) -> None:
+        """Sends again the reports of chunks that finished here and that Postgres still shows
+        running on this worker, and puts off their next resend twice as long."""
+        if not keys:
+            return
+        reports = []
+        for key in keys:
+            reported = self._reported[key]
+            reported.resend_at = now + reported.resend_every
+            reported.resend_every *= 2
+            reports.append(reported.report)
+        first = reports[0]
+        log.warning(
+            "%d chunks that finished here are still unrecorded (job %s chunk %d attempt %d among them);"
+            " sending their reports again",
+            len(reports),
+            first.job_id,
+            first.chunk_index,
+            first.attempt,
+        )
+        metrics.REPORTS_RESENT.inc(len(reports))
+        try:
+            await send_all(self._producer, [self._message(report) for report in reports])
+        except KafkaError as err:
+            log.warning("sending %d reports again failed (%s); a later heartbeat sends them", len(reports), err)
 
     def _extended(self, key: tuple[str, int], lease_until: float) -> None:
         run = self._running.get(key)
@@ -317,3 +382,17 @@ class Worker:
                     await run.asyncio_task
             log.info("job %s chunk %d attempt %d: handed back", run.job_id, run.chunk_index, run.attempt)
             await run.release()
+
+
+def _log_undelivered(report: bus_pb2.ChunkReport, delivery: asyncio.Future[Any]) -> None:
+    """A report the broker did not take: the chunk's outcome reaches the scheduler only when it is
+    sent again (an ending report is, while the chunk stays unrecorded)."""
+    if not delivery.cancelled() and delivery.exception() is not None:
+        log.warning(
+            "job %s chunk %d attempt %d: the broker did not take its %s report: %r",
+            report.job_id,
+            report.chunk_index,
+            report.attempt,
+            bus_pb2.ReportType.Name(report.type),
+            delivery.exception(),
+        )
