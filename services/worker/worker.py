@@ -74,13 +74,15 @@ CANCEL_FEED_IDLE_SECONDS = 2.0
 CANCEL_FEED_START_SECONDS = 2.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Reported:
-    """A chunk that finished here, until the scheduler has recorded its outcome."""
+    """A chunk that finished here, until the scheduler has recorded its outcome. A worker holds
+    the chunks of a few tens of seconds (tens of thousands when chunks take a millisecond), so the
+    report is kept as its encoding: about 140 bytes instead of about 900 as a message object."""
 
     at: float  # monotonic time it finished
     lease_until: float  # the stored lease lasts at least until then (monotonic)
-    report: bus_pb2.ChunkReport  # the report that ended the attempt
+    report: bytes  # the encoded report that ended the attempt
     resend_at: float  # when to send the report again if the chunk is still unrecorded (monotonic)
     resend_every: float  # seconds until the resend after that
 
@@ -201,7 +203,8 @@ class Worker:
         if run.outcome is not None and run.asyncio_task is not None and not run.asyncio_task.cancelled():
             now = time.monotonic()
             every = REPORT_RESEND_LEASES * self._settings.lease_seconds
-            self._reported[run.key] = _Reported(now, run.lease_until, run.outcome, now + every, every)
+            report = run.outcome.SerializeToString()
+            self._reported[run.key] = _Reported(now, run.lease_until, report, now + every, every)
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
@@ -209,16 +212,17 @@ class Worker:
         would leave its chunk held until its lease ran out. The scheduler counts a report once,
         however often it arrives."""
         what = f"job {report.job_id} chunk {report.chunk_index} attempt {report.attempt}: sending its report"
-        delivered = await retry_broker_errors(lambda: send_all(self._producer, [self._message(report)]), what)
+        message = self._message(report.job_id, report.SerializeToString())
+        delivered = await retry_broker_errors(lambda: send_all(self._producer, [message]), what)
         for future in delivered:
             future.add_done_callback(lambda done: _log_undelivered(report, done))
 
-    def _message(self, report: bus_pb2.ChunkReport) -> Outgoing:
+    def _message(self, job_id: str, report: bytes) -> Outgoing:
         return (
             self._settings.topic(topics.PROGRESS),
-            topics.partition_of(report.job_id, self._settings.job_partitions),
-            report.job_id.encode(),
-            report.SerializeToString(),
+            topics.partition_of(job_id, self._settings.job_partitions),
+            job_id.encode(),
+            report,
         )
 
     async def _read_cancels_from_now(self) -> None:
@@ -329,26 +333,26 @@ class Worker:
         running on this worker, and puts off their next resend twice as long."""
         if not keys:
             return
-        reports = []
-        for key in keys:
-            reported = self._reported[key]
+        messages = []
+        for job_id, idx in keys:
+            reported = self._reported[(job_id, idx)]
             reported.resend_at = now + reported.resend_every
             reported.resend_every *= 2
-            reports.append(reported.report)
-        first = reports[0]
+            messages.append(self._message(job_id, reported.report))
+        first = bus_pb2.ChunkReport.FromString(messages[0][3])
         log.warning(
             "%d chunks that finished here are still unrecorded (job %s chunk %d attempt %d among them);"
             " sending their reports again",
-            len(reports),
+            len(messages),
             first.job_id,
             first.chunk_index,
             first.attempt,
         )
-        metrics.REPORTS_RESENT.inc(len(reports))
+        metrics.REPORTS_RESENT.inc(len(messages))
         try:
-            await send_all(self._producer, [self._message(report) for report in reports])
+            await send_all(self._producer, messages)
         except KafkaError as err:
-            log.warning("sending %d reports again failed (%s); a later heartbeat sends them", len(reports), err)
+            log.warning("sending %d reports again failed (%s); a later heartbeat sends them", len(messages), err)
 
     def _extended(self, key: tuple[str, int], lease_until: float) -> None:
         run = self._running.get(key)
