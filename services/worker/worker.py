@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,7 @@ CANCEL_FEED_START_SECONDS = 2.0
 
 
 @dataclass(slots=True)
-class _Reported:
+class Reported:
     """A chunk that finished here, until the scheduler has recorded its outcome. A worker holds
     the chunks of a few tens of seconds (tens of thousands when chunks take a millisecond), so the
     report is kept as its encoding: about 140 bytes instead of about 900 as a message object."""
@@ -106,7 +107,7 @@ class Worker:
         # outcome: their lease is kept alive meanwhile, because a scheduler working through a
         # backlog of reports longer than the lease would otherwise take this worker for lost and
         # run them all again (a 100,000-chunk job ran twice over that way).
-        self._reported: dict[tuple[str, int], _Reported] = {}
+        self._reported: dict[tuple[str, int], Reported] = {}
         self._slot_free = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._window = ClaimWindow(settings.worker_concurrency, settings.worker_prefetch)
@@ -204,7 +205,7 @@ class Worker:
             now = time.monotonic()
             every = REPORT_RESEND_LEASES * self._settings.lease_seconds
             report = run.outcome.SerializeToString()
-            self._reported[run.key] = _Reported(now, run.lease_until, report, now + every, every)
+            self._reported[run.key] = Reported(now, run.lease_until, report, now + every, every)
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
@@ -301,12 +302,9 @@ class Worker:
                     # The lease went to another attempt (this worker stalled past it): stop, report nothing.
                     log.warning("job %s chunk %d: lease lost, stopping this attempt", run.job_id, run.chunk_index)
                     run.abandon()
-            unrecorded = [
-                key
-                for key in leases
-                if key in beat.held and key not in self._running and self._reported[key].resend_at <= started
-            ]
-            await self._resend_reports(unrecorded, started)
+            await self._resend_reports(
+                reports_to_resend(leases, beat.held, self._running, self._reported, started), started
+            )
 
     def _broker_came_back_empty(self, now: float) -> None:
         """The broker lost what it held: the consumer group, and reports the scheduler had not read yet."""
@@ -400,3 +398,20 @@ def _log_undelivered(report: bus_pb2.ChunkReport, delivery: asyncio.Future[Any])
             bus_pb2.ReportType.Name(report.type),
             delivery.exception(),
         )
+
+
+def reports_to_resend(
+    beaten: Iterable[ChunkKey],
+    held: set[ChunkKey],
+    running: Container[ChunkKey],
+    reported: Mapping[ChunkKey, Reported],
+    now: float,
+) -> list[ChunkKey]:
+    """The chunks a heartbeat took along whose report is due to go out again: still running on
+    this worker in Postgres, finished here (a chunk running when the beat began may have ended
+    during it, reported or not), and past their resend time."""
+    return [
+        key
+        for key in beaten
+        if key in held and key not in running and (r := reported.get(key)) is not None and r.resend_at <= now
+    ]
