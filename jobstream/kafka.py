@@ -331,12 +331,14 @@ def partitions_read(consumer: AIOKafkaConsumer) -> set[TopicPartition]:
     return {tp for tp in consumer.assignment() if tp not in paused}
 
 
-async def follow_partition_changes(consumer: AIOKafkaConsumer, topic: str) -> None:
+async def follow_partition_changes(
+    consumer: AIOKafkaConsumer, topic: str, every_s: float = PARTITION_CHECK_SECONDS
+) -> None:
     """Re-assigns when the topic's partitions change (a broker that came back empty re-creates
     its topics), reading new partitions from their start: everything on them is new. A partition
     paused before stays paused: its reader starts it again when it needs it."""
     while True:
-        await asyncio.sleep(PARTITION_CHECK_SECONDS)
+        await asyncio.sleep(every_s)
         try:
             tps = await _wait_partitions(consumer, topic)
         except KafkaError as err:

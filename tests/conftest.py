@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,8 @@ WORKERS = 3
 LIVE_STACKS: list[Stack] = []
 # The newest unfinished jobs a failing test's report details chunk by chunk, with their log lines.
 UNFINISHED_JOBS_DETAILED = 3
+UNFINISHED_CHUNKS_SHOWN = 10  # of each of those jobs
+UNFINISHED_LOG_LINES = 10  # of each service's log, for each of those jobs
 
 
 @pytest.fixture
@@ -166,42 +167,39 @@ def _unfinished_jobs(stack: Stack) -> str:
                 (JobState.QUEUED, JobState.RUNNING),
             ).fetchall()
             outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()
-            newest = [job[0] for job in jobs[:UNFINISHED_JOBS_DETAILED]]
             chunks = conn.execute(
-                "SELECT job_id, idx, state, attempt, claims, worker_id,"
-                " round(extract(epoch FROM lease_expires_at - now())::numeric, 1)"
-                " FROM chunks WHERE job_id = ANY(%s) AND state IN (%s, %s) ORDER BY job_id, idx",
-                (newest, ChunkState.PENDING, ChunkState.RUNNING),
+                "SELECT job_id, idx, state, attempt, claims, worker_id, lease_left FROM"
+                " (SELECT job_id, idx, state, attempt, claims, worker_id,"
+                "  round(extract(epoch FROM lease_expires_at - now())::numeric, 1) AS lease_left,"
+                "  row_number() OVER (PARTITION BY job_id ORDER BY idx) AS n"
+                "  FROM chunks WHERE job_id = ANY(%s) AND state IN (%s, %s)) c"
+                " WHERE n <= %s ORDER BY job_id, idx",
+                (
+                    [job[0] for job in jobs[:UNFINISHED_JOBS_DETAILED]],
+                    ChunkState.PENDING,
+                    ChunkState.RUNNING,
+                    UNFINISHED_CHUNKS_SHOWN,
+                ),
             ).fetchall()
     except psycopg.Error as err:
         return f"Postgres did not answer: {err}"
+    undone: dict[Any, list[str]] = {job[0]: [] for job in jobs[:UNFINISHED_JOBS_DETAILED]}
+    for job_id, idx, state, attempt, claims, worker, left in chunks:
+        undone[job_id].append(
+            f"  chunk {idx} state {state} attempt {attempt} claims {claims} worker {worker} lease left {left}s"
+        )
+    logs = {name: process.log_end(1024 * 1024).splitlines() for name, process in stack.services.items()}
     lines = [f"outbox rows waiting: {outbox[0] if outbox else '?'}"]
     for job_id, state, total, done, seq, created, by_state in jobs:
         lines.append(
             f"job {job_id} state {state} chunks {done}/{total} (by state: {by_state or 'none'}) last_seq {seq}"
             f" created {created:%H:%M:%S.%f}"
         )
-        undone = [c for c in chunks if c[0] == job_id]
-        lines += [
-            f"  chunk {idx} state {chunk_state} attempt {attempt} claims {claims} worker {worker} lease left {left}s"
-            for _, idx, chunk_state, attempt, claims, worker, left in undone[:10]
-        ]
-        if job_id in newest:
-            for name, process in stack.services.items():
-                lines += [f"  {name}: {line}" for line in _lines_naming(process.log_path, str(job_id))]
+        if job_id in undone:
+            lines += undone[job_id]
+            for name, log in logs.items():
+                lines += [f"  {name}: {line}" for line in log if str(job_id) in line][-UNFINISHED_LOG_LINES:]
     return "\n".join(lines)
-
-
-def _lines_naming(log: Path, job_id: str, most: int = 10) -> list[str]:
-    """The last lines of a log (of its last 1 MiB) that name the job."""
-    try:
-        with log.open("rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - 1024 * 1024))
-            text = file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return []
-    return [line for line in text.splitlines() if job_id in line][-most:]
 
 
 @pytest.fixture

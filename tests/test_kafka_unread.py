@@ -12,7 +12,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from jobstream import kafka
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.kafka import assign_all_unread, follow_partition_changes, partitions_read, read_from_end
 from tests.helpers import wait_for
@@ -70,12 +69,11 @@ async def _next_values(consumer: AIOKafkaConsumer, tp: TopicPartition) -> list[b
 
 
 async def test_a_partition_change_keeps_paused_partitions_paused_and_reads_new_ones(
-    consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, monkeypatch: pytest.MonkeyPatch
+    consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient
 ) -> None:
-    monkeypatch.setattr(kafka, "PARTITION_CHECK_SECONDS", 0.2)
     p0, p1, p2 = (TopicPartition(TOPIC, p) for p in range(3))
     await read_from_end(consumer, p0)
-    following = asyncio.create_task(follow_partition_changes(consumer, TOPIC))
+    following = asyncio.create_task(follow_partition_changes(consumer, TOPIC, every_s=0.2))
     try:
         await admin.delete_topics([TOPIC])
         await admin.create_topics([NewTopic(TOPIC, num_partitions=3, replication_factor=1)])

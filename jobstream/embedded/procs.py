@@ -233,14 +233,18 @@ class ChildProcess:
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the log, for error messages; empty when there is no log yet."""
+        return "\n".join(self.log_end(64 * 1024).splitlines()[-lines:])
+
+    def log_end(self, size: int) -> str:
+        """The last `size` bytes of the log as text (its first line may be cut); empty when there
+        is no log yet."""
         try:
             with self.log_path.open("rb") as log:
                 log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - 64 * 1024))
-                text = log.read().decode(errors="replace")
+                log.seek(max(0, log.tell() - size))
+                return log.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 def stop_services(services: Mapping[str, ChildProcess], timeout: float = 20) -> None:

@@ -29,7 +29,7 @@ Report = Callable[[bus_pb2.ChunkReport], Awaitable[None]]
 PROGRESS_EVERY_SECONDS = 0.1
 MAX_RESULT_BYTES = 4 * 1024 * 1024
 # The reports that end an attempt. The worker keeps the one it sent, to send it again while the
-# scheduler has not recorded it (see Worker._resend_unrecorded).
+# scheduler has not recorded it (see services.worker.worker.reports_to_resend).
 ENDING_REPORTS = frozenset({bus_pb2.CHUNK_SUCCEEDED, bus_pb2.CHUNK_FAILED, bus_pb2.CHUNK_CANCELLED})
 
 

@@ -102,12 +102,12 @@ class Worker:
         self._broker_epoch: int | None = None
         self._renew = False
         self._producer = producer
-        self._running: dict[tuple[str, int], ChunkRun] = {}
+        self._running: dict[ChunkKey, ChunkRun] = {}
         # Chunks that finished here and were reported, until the scheduler has recorded their
         # outcome: their lease is kept alive meanwhile, because a scheduler working through a
         # backlog of reports longer than the lease would otherwise take this worker for lost and
         # run them all again (a 100,000-chunk job ran twice over that way).
-        self._reported: dict[tuple[str, int], Reported] = {}
+        self._reported: dict[ChunkKey, Reported] = {}
         self._slot_free = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._window = ClaimWindow(settings.worker_concurrency, settings.worker_prefetch)
@@ -209,9 +209,9 @@ class Worker:
         self._slot_free.set()
 
     async def _send_report(self, report: bus_pb2.ChunkReport) -> None:
-        """Queues the report, retrying while the broker is not ready for it: a report lost here
-        would leave its chunk held until its lease ran out. The scheduler counts a report once,
-        however often it arrives."""
+        """Queues the report, retrying while the broker is not ready for it. A report the broker
+        then loses is sent again by the heartbeat (an ending one, while its chunk stays unrecorded);
+        the scheduler counts a report once, however often it arrives."""
         what = f"job {report.job_id} chunk {report.chunk_index} attempt {report.attempt}: sending its report"
         message = self._message(report.job_id, report.SerializeToString())
         delivered = await retry_broker_errors(lambda: send_all(self._producer, [message]), what)
@@ -352,7 +352,7 @@ class Worker:
         except KafkaError as err:
             log.warning("sending %d reports again failed (%s); a later heartbeat sends them", len(messages), err)
 
-    def _extended(self, key: tuple[str, int], lease_until: float) -> None:
+    def _extended(self, key: ChunkKey, lease_until: float) -> None:
         run = self._running.get(key)
         if run is not None:
             run.lease_until = lease_until
