@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.records_to_delete import RecordsToDelete
+from aiokafka.errors import KafkaConnectionError
 
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.embedded.postgres import RUN_AS_USER, EmbeddedPostgres, PostgresStartError
@@ -129,6 +132,43 @@ async def test_broker_round_trips_a_message(broker: EmbeddedBroker) -> None:
     finally:
         await consumer.stop()
     assert (message.key, message.value) == (b"job-1", b"hello")
+
+
+async def test_broker_keeps_every_batch_it_was_asked_to_delete(broker: EmbeddedBroker) -> None:
+    """The embedded broker cannot trim a partition: it refuses DeleteRecords by closing the
+    connection, and a consumer still reads from offset 0. Its fetches cost more the more batches a
+    partition holds (docs/capacity.md), so a broker that starts trimming should make this fail,
+    and the capacity notes change with it."""
+    topic = TopicPartition("embedded.undeletable", 0)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic.topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in (b"a", b"b", b"c"):  # one batch each
+            await producer.send_and_wait(topic.topic, value, partition=0)
+    finally:
+        await producer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        with pytest.raises(KafkaConnectionError):
+            await admin.delete_records({topic: RecordsToDelete(2)}, timeout_ms=5000)
+    finally:
+        await admin.close()
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([topic])
+        await consumer.seek_to_beginning(topic)
+        first = await asyncio.wait_for(consumer.getone(), 10)
+    finally:
+        await consumer.stop()
+    assert (first.offset, first.value) == (0, b"a")
 
 
 async def test_broker_restart_comes_back_empty_on_the_same_port(broker: EmbeddedBroker) -> None:
