@@ -256,6 +256,12 @@ def test_gateway_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert build_parser().parse_args(["list"]).gateway == "gw:7"
 
 
+def test_usage_says_the_token_option_takes_the_key_itself() -> None:
+    usage = build_parser().format_usage()
+
+    assert "[--token KEY]" in usage and "[--ca FILE]" in usage
+
+
 def test_list_state_is_case_insensitive_and_checked() -> None:
     parser = build_parser()
 

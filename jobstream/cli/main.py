@@ -70,19 +70,25 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         default=gateway if defaults else argparse.SUPPRESS,
         help=f"the gateway to call (default $JOBSTREAM_GATEWAY or {DEFAULT_GATEWAY})",
     )
-    for flag, env, what in (
+    for flag, env, metavar, what in (
         (
             "--token",
             "JOBSTREAM_TOKEN",
+            "KEY",
             f"API key; without it, the local stack's {STATE_DIR / DEV_TOKEN_FILE} if present",
         ),
-        ("--ca", "JOBSTREAM_CA", "CA certificate (PEM) to verify a TLS gateway with; without it the call is plaintext"),
-        ("--cert", "JOBSTREAM_CLIENT_CERT", "client certificate (PEM) for a gateway that requires one"),
-        ("--key", "JOBSTREAM_CLIENT_KEY", "the client certificate's private key (PEM)"),
+        (
+            "--ca",
+            "JOBSTREAM_CA",
+            "FILE",
+            "CA certificate (PEM) to verify a TLS gateway with; without it the call is plaintext",
+        ),
+        ("--cert", "JOBSTREAM_CLIENT_CERT", "FILE", "client certificate (PEM) for a gateway that requires one"),
+        ("--key", "JOBSTREAM_CLIENT_KEY", "FILE", "the client certificate's private key (PEM)"),
     ):
         parser.add_argument(
             flag,
-            metavar="FILE",
+            metavar=metavar,
             default=os.environ.get(env, "") if defaults else argparse.SUPPRESS,
             help=f"{what} (default ${env})",
         )
