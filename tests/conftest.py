@@ -188,7 +188,8 @@ def _unfinished_jobs(stack: Stack) -> str:
         undone[job_id].append(
             f"  chunk {idx} state {state} attempt {attempt} claims {claims} worker {worker} lease left {left}s"
         )
-    logs = {name: process.log_end(1024 * 1024).splitlines() for name, process in stack.services.items()}
+    # Read once, and only when some job is detailed: a log is up to a megabyte a service.
+    logs = {name: p.log_end(1024 * 1024).splitlines() for name, p in stack.services.items()} if undone else {}
     lines = [f"outbox rows waiting: {outbox[0] if outbox else '?'}"]
     for job_id, state, total, done, seq, created, by_state in jobs:
         lines.append(

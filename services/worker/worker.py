@@ -286,7 +286,12 @@ class Worker:
                 leases = self._leases_to_keep(started)
                 beat = await claims.heartbeat(self._pool, leases, self._settings.worker_id)
             except Exception as err:  # a missed beat is survivable; the lease outlasts several
-                log.warning("heartbeat for %d chunks failed: %s", len(self._running) + len(self._reported), err)
+                log.warning(
+                    "heartbeat failed (%d chunks running here, %d finished and unrecorded): %s",
+                    len(self._running),
+                    len(self._reported),
+                    err,
+                )
                 continue
             for key, seconds in leases.items():
                 if key in beat.extended:
