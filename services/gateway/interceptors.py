@@ -1,8 +1,13 @@
-"""The gateway's cross-cutting concerns as a chain of server interceptors.
+"""The gateway's cross-cutting concerns as a chain of wrappers around every handler.
 
 Order (outermost first): metrics see the final status code of every call; error mapping turns
 domain errors into status codes once, so handlers only raise. An unreachable Postgres is
 UNAVAILABLE, the code clients retry on, rather than an unexplained UNKNOWN.
+
+The chain is applied once, when the service is registered (`add_wrapped`), not by gRPC server
+interceptors: grpc.aio runs an interceptor chain on every call and builds the wrapped handler
+anew each time, which cost a bare handler with 64 callers about 0.07 ms of server CPU per call
+(13%, a tenth of its calls a second); wrapping at registration costs about 0.02 ms.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +66,8 @@ def status_of(err: errors.JobstreamError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps unary and server-streaming handlers; subclasses say how."""
+class HandlerWrapper:
+    """Wraps unary and server-streaming handlers and the request decoder; subclasses say how."""
 
     def wrap_unary(self, method: str, inner: Unary) -> Unary:
         return inner
@@ -73,29 +78,56 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def wrap_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
         return deserializer
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        # The stubs type handlers for the sync server only; the aio handlers are coroutines.
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self.wrap_unary(method, handler.unary_unary),
-                self.wrap_deserializer(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self.wrap_stream(method, handler.unary_stream),
-                self.wrap_deserializer(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        return handler
+
+def wrap_handler(method: str, handler: Any, chain: Sequence[HandlerWrapper]) -> Any:
+    """`handler` (a grpc.RpcMethodHandler) with `chain` around it, the chain's first the outermost."""
+    unary, stream, decode = handler.unary_unary, handler.unary_stream, handler.request_deserializer
+    for wrapper in reversed(chain):
+        if unary is not None:
+            unary = wrapper.wrap_unary(method, unary)
+        if stream is not None:
+            stream = wrapper.wrap_stream(method, stream)
+        decode = wrapper.wrap_deserializer(decode)
+    if unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, decode, handler.response_serializer)
+    if stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream, decode, handler.response_serializer)
+    raise ValueError(f"{method}: only unary and server-streaming methods can be wrapped")
+
+
+class _Registrar:
+    """Stands in for the server while generated code registers a servicer: the method handlers it
+    names reach the server wrapped.
+
+    Generated code hands the server the same handlers twice, as a generic handler (opaque) and by
+    name (add_registered_method_handlers); the second is wrapped and registered both ways."""
+
+    def __init__(self, server: grpc.aio.Server, chain: Sequence[HandlerWrapper]) -> None:
+        self._server = server
+        self._chain = chain
+        self.services: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers arrive by name below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        wrapped = {method: wrap_handler(method, handler, self._chain) for method, handler in handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]  # newer than the stubs
+        self.services.append(service)
+
+
+def add_wrapped(
+    server: grpc.aio.Server,
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    chain: Sequence[HandlerWrapper],
+) -> None:
+    """Registers `servicer` through its generated `add_..._to_server`, every handler wrapped in `chain`."""
+    registrar = _Registrar(server, chain)
+    add_to_server(servicer, registrar)
+    if not registrar.services:
+        raise RuntimeError(f"{add_to_server.__name__} named no method handlers to wrap; regenerate with `make proto`")
 
 
 def _decode_safely(deserializer: Deserializer) -> Deserializer:
@@ -116,7 +148,7 @@ def _refuse_undecodable(request: Any) -> None:
         raise errors.InvalidArgument(request.message, field="request")
 
 
-class ErrorMappingInterceptor(WrappingInterceptor):
+class ErrorMapping(HandlerWrapper):
     def wrap_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
         return None if deserializer is None else _decode_safely(deserializer)
 
@@ -167,34 +199,50 @@ def _code(err: BaseException | None, context: Context) -> str:
     return "OK" if err is None else grpc.StatusCode.UNKNOWN.name
 
 
-class MetricsInterceptor(WrappingInterceptor):
-    @staticmethod
-    def _record(method: str, started: float, err: BaseException | None, context: Context) -> None:
-        GRPC_REQUESTS.labels(method=method, code=_code(err, context)).inc()
-        GRPC_LATENCY.labels(method=method).observe(time.perf_counter() - started)
+class _MethodSeries:
+    """One method's metric series, looked up once: `labels()` takes a lock and hashes its labels."""
 
+    def __init__(self, method: str) -> None:
+        self._method = method
+        self._latency = GRPC_LATENCY.labels(method=method)
+        self._calls: dict[str, Any] = {}  # status code -> its counter
+
+    def record(self, started: float, err: BaseException | None, context: Context) -> None:
+        code = _code(err, context)
+        calls = self._calls.get(code)
+        if calls is None:
+            calls = self._calls[code] = GRPC_REQUESTS.labels(method=self._method, code=code)
+        calls.inc()
+        self._latency.observe(time.perf_counter() - started)
+
+
+class Metrics(HandlerWrapper):
     def wrap_unary(self, method: str, inner: Unary) -> Unary:
+        series = _MethodSeries(method)
+
         async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
                 response = await inner(request, context)
             except BaseException as err:
-                self._record(method, started, err, context)
+                series.record(started, err, context)
                 raise
-            self._record(method, started, None, context)
+            series.record(started, None, context)
             return response
 
         return unary
 
     def wrap_stream(self, method: str, inner: Stream) -> Stream:
+        series = _MethodSeries(method)
+
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             try:
                 async for item in inner(request, context):
                     yield item
             except BaseException as err:
-                self._record(method, started, err, context)
+                series.record(started, err, context)
                 raise
-            self._record(method, started, None, context)
+            series.record(started, None, context)
 
         return stream

@@ -20,7 +20,7 @@ from jobstream.service import essential
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
 from services.gateway.api import JobService
-from services.gateway.interceptors import ErrorMappingInterceptor, MetricsInterceptor
+from services.gateway.interceptors import ErrorMapping, Metrics, add_wrapped
 from services.gateway.outbox import OutboxRelay
 from services.gateway.quotas import Quotas
 from services.gateway.store import JobStore
@@ -65,8 +65,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     ops = OpsServer(settings.metrics_port, combine(lambda: postgres_ready(pool), hub.kafka_ready))
     await ops.start()
 
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor()], options=SERVER_OPTIONS)
-    pb_grpc.add_JobServiceServicer_to_server(JobService(settings, store, relay, hub, Quotas(settings)), server)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    service = JobService(settings, store, relay, hub, Quotas(settings))
+    add_wrapped(server, pb_grpc.add_JobServiceServicer_to_server, service, [Metrics(), ErrorMapping()])
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
