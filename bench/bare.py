@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import cpu
 from bench.client import OWN_CONNECTION, channel
 from bench.stack import proc_bytes
 from jobstream.embedded.ports import free_port
@@ -68,6 +69,10 @@ class BareServer:
     async def __aexit__(self, *exc: object) -> None:
         # The server holds nothing: no reason to wait for it.
         self.process.kill()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """The server's CPU seconds so far, as the process `server`."""
+        return {"server": cpu.ticks(self.process.pid or 0) / cpu.TICKS_PER_S}
 
 
 def rss_bytes(pid: int | None) -> int:

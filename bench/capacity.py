@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import psycopg
 from aiokafka import TopicPartition
 
+from bench import cpu
 from bench.client import Stub, channel, submit, watch_to_end
 from bench.client import stub as make_stub
 from bench.sizes import Sizes
@@ -27,11 +27,9 @@ from bench.stack import BenchStack
 from bench.stats import Run
 from jobstream import topics
 from jobstream.embedded.ports import free_port
-from jobstream.embedded.procs import descendants
 from jobstream.kafka import make_broadcast_consumer
 from jobstream.v1 import jobstream_pb2 as pb
 
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 EVENT_STEP_MS = 250
 EVENT_JOB_MS = 20 * EVENT_STEP_MS
 IDLE_GATEWAY = "idlegateway"
@@ -89,43 +87,19 @@ async def _measure(stack: BenchStack, unit: str, load: Callable[[], Awaitable[in
     tap = _KafkaTap(stack)
     await tap.start()
     try:
-        cpu_before, pg_before = _cpu(stack), await _postgres(stack.database_url)
+        cpu_before, pg_before = cpu.by_service(stack), await _postgres(stack.database_url)
         units = await load()
         await asyncio.sleep(stats_flush_s)
-        cpu_after, pg_after = _cpu(stack), await _postgres(stack.database_url)
+        cpu_after, pg_after = cpu.by_service(stack), await _postgres(stack.database_url)
     finally:
         await tap.stop()
     figures: Run = {f"{unit}s": float(units)}
-    for name, ticks in cpu_after.items():
-        spent_ms = (ticks - cpu_before.get(name, ticks)) / TICKS_PER_S * 1000
-        figures[f"{unit}_cpu_ms_{_short(name)}"] = figures.get(f"{unit}_cpu_ms_{_short(name)}", 0.0) + spent_ms / units
+    figures.update(cpu.per_unit(f"{unit}_cpu_ms", cpu_before, cpu_after, units))
     figures[f"{unit}_kafka_messages"] = tap.messages / units
     figures[f"{unit}_kafka_bytes"] = tap.bytes / units
     for key, value in pg_after.items():
         figures[f"{unit}_pg_{key}"] = (value - pg_before[key]) / units
     return figures
-
-
-def _short(service: str) -> str:
-    """worker-3 -> worker: replicas of one service add up."""
-    return service.split("-")[0]
-
-
-def _cpu(stack: BenchStack) -> dict[str, int]:
-    """CPU clock ticks (user + system) so far of each service, its child processes included."""
-    roots = {name: proc.pid for name, proc in stack.services.items() if proc.alive and proc.pid}
-    roots["broker"] = stack.broker.pid or 0
-    roots["postgres"] = stack.postgres.pid or 0
-    return {name: sum(_ticks(p) for p in [pid, *descendants(pid)]) for name, pid in roots.items() if pid}
-
-
-def _ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
 
 
 async def _postgres(database_url: str) -> dict[str, float]:

@@ -32,6 +32,10 @@ async def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -
     events = report["scenarios"]["events"]
     for leg in ("until_published", "since_published"):
         assert 0 < events[f"{leg}_samples"]["median"] <= events["event_samples"]["median"]
+    # What a call costs in CPU, by process: a Submit on the stack, a call of the bare handler.
+    submit = report["scenarios"]["submit"]
+    for figure in ("callers_cpu_ms_gateway", "callers_cpu_ms_client", "bare_callers_cpu_ms_server"):
+        assert submit[figure]["median"] > 0, figure
     measured = report["host"]
     assert measured["python_loop_ms_before"] > 0 and measured["python_loop_ms_after"] > 0
     assert 0 <= measured["steal_share"] <= 1 and 0 < measured["busy_share"] <= 1
