@@ -15,10 +15,14 @@ EVENT_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 OUTBOX_BACKLOG = Gauge("jobstream_outbox_backlog", "Outbox messages not yet published to Kafka.")
-GRPC_REQUESTS = Counter("jobstream_grpc_requests_total", "gRPC calls by method and status code.", ["method", "code"])
+GRPC_REQUESTS = Counter(
+    "jobstream_grpc_requests_total",
+    "JobService calls by method and status code (health checks not counted).",
+    ["method", "code"],
+)
 GRPC_LATENCY = Histogram(
     "jobstream_grpc_request_duration_seconds",
-    "gRPC call duration by method (streams: until the stream ends).",
+    "JobService call duration by method (streams: until the stream ends).",
     ["method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 600),
 )
