@@ -1,8 +1,19 @@
-"""Which finished chunks a heartbeat sends the report of again (services.worker.worker)."""
+"""Which finished chunks a heartbeat sends the report of again, and when it tries again (services.worker.worker)."""
 
 from __future__ import annotations
 
-from services.worker.worker import Reported, reports_to_resend
+import uuid
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from jobstream import topics
+from jobstream.bus.v1 import bus_pb2
+from jobstream.config import Settings
+from jobstream.embedded.broker import EmbeddedBroker
+from jobstream.topics import ensure_topics
+from services.worker.worker import Reported, Worker, reports_to_resend
+from tests.helpers import wait_for
 
 NOW = 100.0
 
@@ -33,3 +44,35 @@ def test_a_chunk_that_ended_unreported_during_the_beat_is_skipped() -> None:
     # never went out): there is nothing to send, and the beat must not fail on it.
     key = ("job", 0)
     assert reports_to_resend([key], {key}, {}, {}, NOW) == []
+
+
+def _job_not_on_partition_0(partitions: int) -> str:
+    return next(j for j in (str(uuid.uuid4()) for _ in range(100)) if topics.partition_of(j, partitions) != 0)
+
+
+async def test_a_resend_the_producer_refuses_is_tried_again_at_the_next_beat_then_put_off(
+    broker: EmbeddedBroker, admin: AIOKafkaAdminClient, producer: AIOKafkaProducer
+) -> None:
+    # A broker that came back empty lists jobs.progress with the count a producer's send
+    # re-created it with, until the scheduler re-creates it: the resend is refused meanwhile.
+    settings = Settings(kafka_bootstrap=broker.bootstrap, job_partitions=12)
+    progress = settings.topic(topics.PROGRESS)
+    await admin.create_topics([NewTopic(progress, 1, 1)])
+    worker = Worker(settings, pool=None, member=None, producer=producer)  # type: ignore[arg-type]  # no claims here
+    key = (_job_not_on_partition_0(settings.job_partitions), 0)
+    report = bus_pb2.ChunkReport(job_id=key[0], chunk_index=0, attempt=1, type=bus_pb2.CHUNK_SUCCEEDED)
+    worker._reported[key] = Reported(0.0, 0.0, report.SerializeToString(), resend_at=NOW, resend_every=20.0)
+
+    await worker._resend_reports([key], NOW)
+    assert (worker._reported[key].resend_at, worker._reported[key].resend_every) == (NOW, 20.0)
+
+    # As the scheduler does on such a broker (a producer's metadata request may re-create the
+    # topic at the broker's default count meanwhile; ensure_topics deletes that one too).
+    await ensure_topics(settings)
+
+    async def resent() -> bool:
+        await worker._resend_reports([key], NOW)
+        return worker._reported[key].resend_at > NOW
+
+    await wait_for(resent, within=15, what="the resend to go out once the topic has its partitions")
+    assert (worker._reported[key].resend_at, worker._reported[key].resend_every) == (NOW + 20.0, 40.0)

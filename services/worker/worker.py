@@ -333,15 +333,15 @@ class Worker:
 
     async def _resend_reports(self, keys: list[ChunkKey], now: float) -> None:
         """Sends again the reports of chunks that finished here and that Postgres still shows
-        running on this worker, and puts off their next resend twice as long."""
+        running on this worker, and puts off their next resend twice as long.
+
+        A resend the producer refuses (a broker that came back empty lists a topic with too few
+        partitions until the scheduler re-creates it) is not put off: the next beat tries again.
+        Put off anyway, each refusal doubled the wait, and the try after the broker recovered
+        could come too late for the chunk's lease."""
         if not keys:
             return
-        messages = []
-        for job_id, idx in keys:
-            reported = self._reported[(job_id, idx)]
-            reported.resend_at = now + reported.resend_every
-            reported.resend_every *= 2
-            messages.append(self._message(job_id, reported.report))
+        messages = [self._message(job_id, self._reported[(job_id, idx)].report) for job_id, idx in keys]
         first = bus_pb2.ChunkReport.FromString(messages[0][3])
         log.warning(
             "%d chunks that finished here are still unrecorded (job %s chunk %d attempt %d among them);"
@@ -351,11 +351,16 @@ class Worker:
             first.chunk_index,
             first.attempt,
         )
-        metrics.REPORTS_RESENT.inc(len(messages))
         try:
             await send_all(self._producer, messages)
         except KafkaError as err:
-            log.warning("sending %d reports again failed (%s); a later heartbeat sends them", len(messages), err)
+            log.warning("sending %d reports again failed (%s); the next heartbeat tries again", len(messages), err)
+            return
+        metrics.REPORTS_RESENT.inc(len(messages))
+        for key in keys:
+            if (reported := self._reported.get(key)) is not None:
+                reported.resend_at = now + reported.resend_every
+                reported.resend_every *= 2
 
     def _extended(self, key: ChunkKey, lease_until: float) -> None:
         run = self._running.get(key)
