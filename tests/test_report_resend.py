@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from aiokafka import AIOKafkaProducer
@@ -76,3 +77,20 @@ async def test_a_resend_the_producer_refuses_is_tried_again_at_the_next_beat_the
 
     await wait_for(resent, within=15, what="the resend to go out once the topic has its partitions")
     assert (worker._reported[key].resend_at, worker._reported[key].resend_every) == (NOW + 20.0, 40.0)
+
+
+async def test_a_resend_to_a_broker_that_does_not_answer_gives_the_heartbeat_back(
+    broker: EmbeddedBroker, producer: AIOKafkaProducer
+) -> None:
+    # The producer would wait its whole request timeout (15 s, longer than a lease) for metadata
+    # of a topic it has not seen; the beats that keep the leases come from the same loop.
+    settings = Settings(kafka_bootstrap=broker.bootstrap, job_partitions=12, heartbeat_seconds=0.5)
+    worker = Worker(settings, pool=None, member=None, producer=producer)  # type: ignore[arg-type]  # no claims here
+    key = (str(uuid.uuid4()), 0)
+    report = bus_pb2.ChunkReport(job_id=key[0], chunk_index=0, attempt=1, type=bus_pb2.CHUNK_SUCCEEDED)
+    worker._reported[key] = Reported(0.0, 0.0, report.SerializeToString(), resend_at=NOW, resend_every=20.0)
+    broker.kill()
+
+    await asyncio.wait_for(worker._resend_reports([key], NOW), 5)
+
+    assert (worker._reported[key].resend_at, worker._reported[key].resend_every) == (NOW, 20.0)

@@ -352,9 +352,11 @@ class Worker:
             first.attempt,
         )
         try:
-            await send_all(self._producer, messages)
-        except KafkaError as err:
-            log.warning("sending %d reports again failed (%s); the next heartbeat tries again", len(messages), err)
+            # Bounded: the producer waits up to its request timeout for a topic's metadata, longer
+            # than a lease, and the beats that keep the leases come from this same loop.
+            await asyncio.wait_for(send_all(self._producer, messages), self._settings.heartbeat_seconds)
+        except (KafkaError, TimeoutError) as err:
+            log.warning("sending %d reports again failed (%r); the next heartbeat tries again", len(messages), err)
             return
         metrics.REPORTS_RESENT.inc(len(messages))
         for key in keys:
