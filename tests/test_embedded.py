@@ -134,32 +134,19 @@ async def test_broker_round_trips_a_message(broker: EmbeddedBroker) -> None:
     assert (message.key, message.value) == (b"job-1", b"hello")
 
 
-async def test_broker_keeps_every_batch_it_was_asked_to_delete(broker: EmbeddedBroker) -> None:
+async def test_broker_keeps_every_batch_it_was_asked_to_delete(
+    broker: EmbeddedBroker, admin: AIOKafkaAdminClient, producer: AIOKafkaProducer
+) -> None:
     """The embedded broker cannot trim a partition: it refuses DeleteRecords by closing the
     connection, and a consumer still reads from offset 0. Its fetches cost more the more batches a
     partition holds (docs/capacity.md), so a broker that starts trimming should make this fail,
     and the capacity notes change with it."""
     topic = TopicPartition("embedded.undeletable", 0)
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic.topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for value in (b"a", b"b", b"c"):  # one batch each
-            await producer.send_and_wait(topic.topic, value, partition=0)
-    finally:
-        await producer.stop()
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-    await admin.start()
-    try:
-        with pytest.raises(KafkaConnectionError):
-            await admin.delete_records({topic: RecordsToDelete(2)}, timeout_ms=5000)
-    finally:
-        await admin.close()
+    await admin.create_topics([NewTopic(topic.topic, num_partitions=1, replication_factor=1)])
+    for value in (b"a", b"b", b"c"):  # one batch each
+        await producer.send_and_wait(topic.topic, value, partition=0)
+    with pytest.raises(KafkaConnectionError):
+        await admin.delete_records({topic: RecordsToDelete(2)}, timeout_ms=5000)
     consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
