@@ -13,6 +13,7 @@ from jobstream.bus.v1 import bus_pb2
 from jobstream.config import Settings
 from jobstream.embedded.broker import EmbeddedBroker
 from jobstream.topics import ensure_topics
+from services.worker.claims import ChunkKey
 from services.worker.worker import Reported, Worker, reports_to_resend
 from tests.helpers import wait_for
 
@@ -51,21 +52,33 @@ def _job_not_on_partition_0(partitions: int) -> str:
     return next(j for j in (str(uuid.uuid4()) for _ in range(100)) if topics.partition_of(j, partitions) != 0)
 
 
+def _worker_holding(settings: Settings, producer: AIOKafkaProducer, job_id: str) -> tuple[Worker, ChunkKey]:
+    """A worker (no claims, no group) holding chunk 0 of `job_id` finished here and unrecorded,
+    its report due now and every 20 s after."""
+    worker = Worker(settings, pool=None, member=None, producer=producer)  # type: ignore[arg-type]
+    key = (job_id, 0)
+    report = bus_pb2.ChunkReport(job_id=job_id, chunk_index=0, attempt=1, type=bus_pb2.CHUNK_SUCCEEDED)
+    worker._reported[key] = Reported(0.0, 0.0, report.SerializeToString(), resend_at=NOW, resend_every=20.0)
+    return worker, key
+
+
+def _schedule(worker: Worker, key: ChunkKey) -> tuple[float, float]:
+    """When the report goes out again, and the wait after that."""
+    reported = worker._reported[key]
+    return reported.resend_at, reported.resend_every
+
+
 async def test_a_resend_the_producer_refuses_is_tried_again_at_the_next_beat_then_put_off(
     broker: EmbeddedBroker, admin: AIOKafkaAdminClient, producer: AIOKafkaProducer
 ) -> None:
     # A broker that came back empty lists jobs.progress with the count a producer's send
     # re-created it with, until the scheduler re-creates it: the resend is refused meanwhile.
     settings = Settings(kafka_bootstrap=broker.bootstrap, job_partitions=12)
-    progress = settings.topic(topics.PROGRESS)
-    await admin.create_topics([NewTopic(progress, 1, 1)])
-    worker = Worker(settings, pool=None, member=None, producer=producer)  # type: ignore[arg-type]  # no claims here
-    key = (_job_not_on_partition_0(settings.job_partitions), 0)
-    report = bus_pb2.ChunkReport(job_id=key[0], chunk_index=0, attempt=1, type=bus_pb2.CHUNK_SUCCEEDED)
-    worker._reported[key] = Reported(0.0, 0.0, report.SerializeToString(), resend_at=NOW, resend_every=20.0)
+    await admin.create_topics([NewTopic(settings.topic(topics.PROGRESS), 1, 1)])
+    worker, key = _worker_holding(settings, producer, _job_not_on_partition_0(settings.job_partitions))
 
     await worker._resend_reports([key], NOW)
-    assert (worker._reported[key].resend_at, worker._reported[key].resend_every) == (NOW, 20.0)
+    assert _schedule(worker, key) == (NOW, 20.0)
 
     # As the scheduler does on such a broker (a producer's metadata request may re-create the
     # topic at the broker's default count meanwhile; ensure_topics deletes that one too).
@@ -73,10 +86,10 @@ async def test_a_resend_the_producer_refuses_is_tried_again_at_the_next_beat_the
 
     async def resent() -> bool:
         await worker._resend_reports([key], NOW)
-        return worker._reported[key].resend_at > NOW
+        return _schedule(worker, key)[0] > NOW
 
     await wait_for(resent, within=15, what="the resend to go out once the topic has its partitions")
-    assert (worker._reported[key].resend_at, worker._reported[key].resend_every) == (NOW + 20.0, 40.0)
+    assert _schedule(worker, key) == (NOW + 20.0, 40.0)
 
 
 async def test_a_resend_to_a_broker_that_does_not_answer_gives_the_heartbeat_back(
@@ -85,12 +98,9 @@ async def test_a_resend_to_a_broker_that_does_not_answer_gives_the_heartbeat_bac
     # The producer would wait its whole request timeout (15 s, longer than a lease) for metadata
     # of a topic it has not seen; the beats that keep the leases come from the same loop.
     settings = Settings(kafka_bootstrap=broker.bootstrap, job_partitions=12, heartbeat_seconds=0.5)
-    worker = Worker(settings, pool=None, member=None, producer=producer)  # type: ignore[arg-type]  # no claims here
-    key = (str(uuid.uuid4()), 0)
-    report = bus_pb2.ChunkReport(job_id=key[0], chunk_index=0, attempt=1, type=bus_pb2.CHUNK_SUCCEEDED)
-    worker._reported[key] = Reported(0.0, 0.0, report.SerializeToString(), resend_at=NOW, resend_every=20.0)
+    worker, key = _worker_holding(settings, producer, str(uuid.uuid4()))
     broker.kill()
 
     await asyncio.wait_for(worker._resend_reports([key], NOW), 5)
 
-    assert (worker._reported[key].resend_at, worker._reported[key].resend_every) == (NOW, 20.0)
+    assert _schedule(worker, key) == (NOW, 20.0)
