@@ -72,7 +72,7 @@ class BareServer:
 
     def cpu_seconds(self) -> dict[str, float]:
         """The server's CPU seconds so far, as the process `server`."""
-        return {"server": cpu.ticks(self.process.pid or 0) / cpu.TICKS_PER_S}
+        return {"server": cpu.seconds(self.process.pid or 0)}
 
 
 def rss_bytes(pid: int | None) -> int:

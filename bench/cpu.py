@@ -16,19 +16,19 @@ TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 CLIENT = "client"
 
 
-def short(service: str) -> str:
+def _short(service: str) -> str:
     """worker-3 -> worker: replicas of one service add up."""
     return service.split("-")[0]
 
 
-def ticks(pid: int) -> int:
-    """CPU clock ticks (user + system) `pid` has used so far; 0 once it is gone."""
+def seconds(pid: int) -> float:
+    """CPU seconds (user + system) `pid` has used so far; 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
 
 
 def by_service(stack: BenchStack) -> dict[str, float]:
@@ -36,7 +36,7 @@ def by_service(stack: BenchStack) -> dict[str, float]:
     roots = {name: proc.pid for name, proc in stack.services.items() if proc.alive and proc.pid}
     roots["broker"] = stack.broker.pid or 0
     roots["postgres"] = stack.postgres.pid or 0
-    return {name: sum(ticks(p) for p in [pid, *descendants(pid)]) / TICKS_PER_S for name, pid in roots.items() if pid}
+    return {name: sum(seconds(p) for p in [pid, *descendants(pid)]) for name, pid in roots.items() if pid}
 
 
 def with_client(spent: Mapping[str, float]) -> dict[str, float]:
@@ -48,6 +48,6 @@ def per_unit(prefix: str, before: Mapping[str, float], after: Mapping[str, float
     """Milliseconds of CPU per unit for each name (replicas added up), as `prefix`_`name`."""
     figures: Run = {}
     for name, seconds in after.items():
-        key = f"{prefix}_{short(name)}"
+        key = f"{prefix}_{_short(name)}"
         figures[key] = figures.get(key, 0.0) + (seconds - before.get(name, seconds)) * 1000 / units
     return figures
