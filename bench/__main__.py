@@ -187,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "errors": outcome.errors,
         "not_run": [s for s in SCENARIOS if s not in figures and s not in outcome.errors],
         "not_implemented": list(NOT_IMPLEMENTED),
+        "fresh_stack_per_run": [s for s in args.only if s in FRESH_STACK_PER_RUN],
     }
     stem = time.strftime("bench-%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")
     json_path, md_path = report.write(args.out, stem, body)

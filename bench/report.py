@@ -124,6 +124,14 @@ def _number(value: object) -> str:
     return f"{value:.3g}"
 
 
+def _stacks(fresh_per_run: object) -> str:
+    """Which runs started on a stack of their own: the embedded broker slows as its partitions fill."""
+    names = [str(name) for name in fresh_per_run] if isinstance(fresh_per_run, list) else []
+    if not names:
+        return "Each scenario ran all its runs on one stack."
+    return f"Each run of {', '.join(names)} started on a fresh stack; the other scenarios ran all their runs on one."
+
+
 def markdown(report: Mapping[str, object]) -> str:
     m, measured = report["machine"], report["host"]
     assert isinstance(m, dict) and isinstance(measured, dict)
@@ -133,6 +141,7 @@ def markdown(report: Mapping[str, object]) -> str:
         f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}; Python {m['python']}; "
         f"commit {m['commit']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"Took {report['seconds']:.0f} s. Figures are medians, with min and max over the runs.",
+        _stacks(report.get("fresh_stack_per_run")),
         host.summary(measured),
         "",
         "## Targets",

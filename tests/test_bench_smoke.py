@@ -27,6 +27,10 @@ async def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -
         for figure, value in figures.items():
             assert math.isfinite(value["median"]), f"{name}.{figure} is {value['median']}"
     assert report["not_implemented"] == list(NOT_IMPLEMENTED)
+    # The latency scenarios start each run on a fresh stack, and the report says so.
+    assert report["fresh_stack_per_run"] == ["submit", "cancel", "events", "fanout"]
+    stacks = "Each run of submit, cancel, events, fanout started on a fresh stack"
+    assert stacks in json_path.with_suffix(".md").read_text()
     # The events seen are split where the scheduler published them (an event a stream read from
     # Postgres before its publish reached the broker has no timestamp yet, so "at most").
     events = report["scenarios"]["events"]
