@@ -6,6 +6,11 @@ one progress event per job per 200 ms, so each job yields about 4 events a secon
 comes from running rate/4 jobs at once. A progress event carries the time of the worker report
 behind it, so its age on arrival is the latency asked for. Each run also splits that latency where
 the scheduler published the event (bench.published): `until_published` and `since_published`.
+
+The first second is the scenario's worst: the 250 jobs are submitted and their Watch streams opened
+at once, and their first reports land while the gateway is still opening them (docs/capacity.md).
+`event_after_first_second` is the same latency without the events that arrived in it, so a report
+shows how much of the run's p99 that second makes. The target is judged on the whole run.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from jobstream.v1 import jobstream_pb2 as pb
 
 EVENTS_PER_JOB_PER_S = 4
 STEP_MS = 250
+FIRST_SECOND_S = 1.0
 
 
 async def run(stack: BenchStack, sizes: Sizes, repeat: int) -> list[Run]:
@@ -56,4 +62,7 @@ async def _one(stub: Stub, jobs: int, ms: int) -> tuple[Run, dict[EventKey, tupl
     arrivals = [arrival for _, arrival in times.values()]
     window = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
     rate = len(arrivals) / window if window else 0.0
-    return {**latencies_ms("event", ages), "events_per_s": rate, "jobs": float(jobs)}, times
+    first = min(arrivals, default=0.0)
+    later = [arrival - at for at, arrival in times.values() if arrival - first >= FIRST_SECOND_S]
+    figures = {**latencies_ms("event", ages), **latencies_ms("event_after_first_second", later)}
+    return {**figures, "events_per_s": rate, "jobs": float(jobs)}, times

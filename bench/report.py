@@ -124,24 +124,26 @@ def _number(value: object) -> str:
     return f"{value:.3g}"
 
 
-def _stacks(fresh_per_run: object) -> str:
+def _stacks(fresh_per_run: object, ran: list[str]) -> str:
     """Which runs started on a stack of their own: the embedded broker slows as its partitions fill."""
     names = [str(name) for name in fresh_per_run] if isinstance(fresh_per_run, list) else []
-    if not names:
-        return "Each scenario ran all its runs on one stack."
-    return f"Each run of {', '.join(names)} started on a fresh stack; the other scenarios ran all their runs on one."
+    others = [name for name in ran if name not in names]
+    lines = [f"Each run of {', '.join(names)} started on a fresh stack."] if names else []
+    if others:
+        lines.append(f"The runs of {', '.join(others)} shared their scenario's stack.")
+    return " ".join(lines)
 
 
 def markdown(report: Mapping[str, object]) -> str:
-    m, measured = report["machine"], report["host"]
-    assert isinstance(m, dict) and isinstance(measured, dict)
+    m, measured, scenarios = report["machine"], report["host"], report["scenarios"]
+    assert isinstance(m, dict) and isinstance(measured, dict) and isinstance(scenarios, dict)
     lines = [
         f"# jobstream bench ({report['size']}, {report['repeat']} runs each)",
         "",
         f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}; Python {m['python']}; "
         f"commit {m['commit']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"Took {report['seconds']:.0f} s. Figures are medians, with min and max over the runs.",
-        _stacks(report.get("fresh_stack_per_run")),
+        _stacks(report.get("fresh_stack_per_run"), list(scenarios)),
         host.summary(measured),
         "",
         "## Targets",
@@ -152,8 +154,6 @@ def markdown(report: Mapping[str, object]) -> str:
     for row in report["targets"]:  # type: ignore[attr-defined]
         met = {True: "yes", False: "**no**", None: "not run"}[row["met"]]
         lines.append(f"| {row['scenario']} | {row['target']} | {_number(row['value'])} | {met} |")
-    scenarios = report["scenarios"]
-    assert isinstance(scenarios, dict)
     for name, figures in scenarios.items():
         lines += ["", f"## {name}", "", "| figure | median | min | max |", "|---|---:|---:|---:|"]
         for figure, value in figures.items():

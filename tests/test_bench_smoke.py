@@ -36,6 +36,8 @@ async def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -
     events = report["scenarios"]["events"]
     for leg in ("until_published", "since_published"):
         assert 0 < events[f"{leg}_samples"]["median"] <= events["event_samples"]["median"]
+    # And the events after the scenario's first second, which is its worst, are reported apart.
+    assert 0 < events["event_after_first_second_samples"]["median"] < events["event_samples"]["median"]
     # What a call costs in CPU, by process: a Submit on the stack, a call of the bare handler.
     submit = report["scenarios"]["submit"]
     for figure in ("callers_cpu_ms_gateway", "callers_cpu_ms_client", "bare_callers_cpu_ms_server"):
