@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from jobstream.embedded.ports import free_port
 from jobstream.embedded.procs import ChildProcess, descendants
 from jobstream.embedded.stack import REPO
 from jobstream.gateway_channel import spread
@@ -32,11 +33,10 @@ def test_several_gateway_addresses_are_called_round_robin() -> None:
 
 
 def _consecutive_free_ports(count: int) -> int:
-    """A port such that it and the next count-1 ones are free now."""
+    """A port such that it and the next count-1 ones are free now, from where free_port picks (no
+    outgoing connection takes them before `up` binds them)."""
     while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = int(probe.getsockname()[1])
+        first = free_port()
         if first + count > 65535:
             continue
         try:
