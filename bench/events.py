@@ -60,9 +60,9 @@ async def _one(stub: Stub, jobs: int, ms: int) -> tuple[Run, dict[EventKey, tupl
     await asyncio.gather(*(job() for _ in range(jobs)))
     ages = [arrival - at for at, arrival in times.values()]
     arrivals = [arrival for _, arrival in times.values()]
-    window = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
+    first, last = (min(arrivals), max(arrivals)) if arrivals else (0.0, 0.0)
+    window = last - first
     rate = len(arrivals) / window if window else 0.0
-    first = min(arrivals, default=0.0)
     later = [arrival - at for at, arrival in times.values() if arrival - first >= FIRST_SECOND_S]
     figures = {**latencies_ms("event", ages), **latencies_ms("event_after_first_second", later)}
     return {**figures, "events_per_s": rate, "jobs": float(jobs)}, times
