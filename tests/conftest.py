@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,14 +131,30 @@ async def db(stack: Stack) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, .
 
 
 # Figures that tests measure (recovery times, counts) are printed at the end of the run, so a
-# CI log carries them without -s.
-FIGURES: list[str] = []
+# CI log carries them without -s. They travel in the test's report: the suite runs in several
+# processes (pytest-xdist), and only the reports reach the one that prints the summary.
+FIGURE = "measured figure"
+Record = Callable[[str], None]
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Record:
+    """Records a line for the run's "measured figures" section."""
+    return lambda line: request.node.user_properties.append((FIGURE, line))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FIGURES:
+    lines = [
+        str(value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == FIGURE
+    ]
+    if lines:
         terminalreporter.section("measured figures")
-        for line in FIGURES:
+        for line in lines:
             terminalreporter.write_line(line)
 
 

@@ -25,7 +25,7 @@ import pytest
 from jobstream.events import from_struct, is_terminal
 from jobstream.v1 import jobstream_pb2 as pb
 from jobstream.v1 import jobstream_pb2_grpc as pb_grpc
-from tests.conftest import FIGURES, running_stack
+from tests.conftest import Record, running_stack
 from tests.helpers import assert_contiguous, params, wait_for
 from tests.stack import Stack
 
@@ -146,7 +146,7 @@ class Chaos:
                 await asyncio.sleep(0.1)
 
 
-async def test_chaos_every_job_succeeds_exactly_once_with_gapless_streams(chaos_stack: Stack) -> None:
+async def test_chaos_every_job_succeeds_exactly_once_with_gapless_streams(chaos_stack: Stack, figures: Record) -> None:
     rng = random.Random(SEED)
     stack = chaos_stack
     async with (
@@ -207,8 +207,8 @@ async def test_chaos_every_job_succeeds_exactly_once_with_gapless_streams(chaos_
     reran = sum(r[4] for r in rows.values())
     claims = sum(r[5] for r in rows.values())
     handover = sorted(chaos.handover_s)
-    FIGURES.append(summary)
-    FIGURES.append(
+    figures(summary)
+    figures(
         json.dumps(
             {
                 "chaos_seed": SEED,
