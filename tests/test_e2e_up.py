@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from jobstream.embedded.ports import free_port
+from jobstream.embedded.ports import bindable, free_port
 from jobstream.embedded.procs import ChildProcess, descendants
 from jobstream.embedded.stack import REPO
 from jobstream.gateway_channel import spread
@@ -37,20 +36,8 @@ def _consecutive_free_ports(count: int) -> int:
     outgoing connection takes them before `up` binds them)."""
     while True:
         first = free_port()
-        if first + count > 65535:
-            continue
-        try:
-            held = []
-            for port in range(first, first + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
+        if first + count <= 65535 and all(bindable("127.0.0.1", port) for port in range(first + 1, first + count)):
             return first
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
 
 
 async def test_up_runs_replicas_of_every_service_and_stops_them_all(tmp_path: Path) -> None:
